@@ -4,10 +4,11 @@ published figures (computed by abstract initialization, no memory)."""
 import importlib.resources
 
 import gin
+import jax
 import pytest
 
 from moe.models.model import DecoderOnlyModel, EncoderDecoderModel
-from moe.models.param_count import count_parameters
+from moe.models.param_count import abstract_params, count_parameters
 from moe.routing import ExpertChoice, TokenChoice
 
 MODELS_DIR = importlib.resources.files("gin_configs") / "models"
@@ -71,6 +72,46 @@ def test_routers_and_macros_reach_the_layers():
     assert load_model("decoder_only_tiny", ["PREFIX_LM = True"]).feature_converter_cls.__name__ == (
         "PrefixLMFeatureConverter"
     )
+
+
+def _mlp_widths(model):
+    """d_ff of the built dense and expert MLPs, from their `wo` kernels ([..., d_ff, d_model])."""
+    widths = {"dense": set(), "expert": set()}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params(model))[0]:
+        names = [getattr(k, "key", str(k)) for k in path]
+        if "mlp" in names and names[-1] == "wo":
+            widths["expert" if "expert" in names else "dense"].add(leaf.shape[-2])
+    return widths
+
+
+def test_t5x_size_macros_reach_the_config():
+    """`--gin.EMBED_DIM=...` etc. (T5X / flaxformer macro names) set the sizes; the experts'
+    d_ff (`SparseConfig.d_ff or TransformerConfig.d_ff`, as the model resolves it) follows
+    MLP_DIM unless EXPERT_MLP_DIM is set."""
+    sizes = ["EMBED_DIM = 48", "NUM_HEADS = 3", "MLP_DIM = 80"]
+    model = load_model("tokens_choose_tiny", sizes)
+    cfg = model.module.config
+    assert (cfg.d_model, cfg.num_heads, cfg.d_ff) == (48, 3, 80)
+    stacks = (cfg.encoder_sparse, cfg.decoder_sparse)
+    assert [s.d_ff for s in stacks] == [None, None]  # unset: falls back to the dense d_ff
+    assert [s.d_ff or cfg.d_ff for s in stacks] == [80, 80]
+    assert _mlp_widths(model) == {"dense": {80}, "expert": {80}}
+
+    model = load_model("tokens_choose_tiny", [*sizes, "EXPERT_MLP_DIM = 96"])
+    cfg = model.module.config
+    assert cfg.d_ff == 80
+    assert [s.d_ff or cfg.d_ff for s in (cfg.encoder_sparse, cfg.decoder_sparse)] == [96, 96]
+    assert _mlp_widths(model) == {"dense": {80}, "expert": {96}}
+    # T5X's own binding, copied from a T5X config.gin, gives the same numbers as the default.
+    cfg = load_model("tokens_choose_tiny", [*sizes, "EXPERT_MLP_DIM = %MLP_DIM"]).module.config
+    assert [s.d_ff for s in (cfg.encoder_sparse, cfg.decoder_sparse)] == [80, 80]
+
+    cfg = load_model(
+        "decoder_only_tiny",
+        ["NUM_DECODER_LAYERS = 4", "HEAD_DIM = 16", "NUM_EMBEDDINGS = 512", "EXPERT_MLP_DIM = 96"],
+    ).module.config
+    assert (cfg.num_encoder_layers, cfg.num_decoder_layers) == (0, 4)
+    assert (cfg.head_dim, cfg.vocab_size, cfg.decoder_sparse.d_ff) == (16, 512, 96)
 
 
 # (gin, published total, published activated or None, relative tolerance)
