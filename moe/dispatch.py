@@ -6,7 +6,9 @@
   (token choice only; no capacity, so nothing is dropped).
 
 The capacity forms read the same `RoutingPlan` slots, so they route identically; dropless
-reads the token-major choices of the same plan.
+reads the token-major choices of the same plan. Combining runs in float32 whatever the expert
+dtype (flaxformer's combine dtype): the weights are router probabilities, and rounding them to
+bfloat16 would put the router's float32 precision to waste.
 """
 
 from collections.abc import Callable
@@ -30,11 +32,9 @@ def dispatch_by_mask(x: jax.Array, plan: RoutingPlan) -> jax.Array:
 
 
 def combine_by_mask(expert_out: jax.Array, plan: RoutingPlan) -> jax.Array:
-    """Expert outputs [G, E, C, d] -> weighted sum per token [G, T, d]."""
-    combine = _dispatch_mask(plan, expert_out.dtype) * plan.slot_weight[..., None].astype(
-        expert_out.dtype
-    )
-    return jnp.einsum("gecd,gect->gtd", expert_out, combine)
+    """Expert outputs [G, E, C, d] -> weighted sum per token [G, T, d] (float32)."""
+    combine = _dispatch_mask(plan, jnp.float32) * plan.slot_weight[..., None]
+    return jnp.einsum("gecd,gect->gtd", expert_out.astype(jnp.float32), combine)
 
 
 def dispatch_by_index(x: jax.Array, plan: RoutingPlan) -> jax.Array:
@@ -47,11 +47,12 @@ def dispatch_by_index(x: jax.Array, plan: RoutingPlan) -> jax.Array:
 
 
 def combine_by_index(expert_out: jax.Array, plan: RoutingPlan) -> jax.Array:
-    """Expert outputs [G, E, C, d] -> per-token weighted sum [G, T, d] by scatter-add."""
+    """Expert outputs [G, E, C, d] -> per-token weighted sum [G, T, d] (float32) by
+    scatter-add."""
     num_groups, num_tokens = plan.padding_mask.shape
     d_model = expert_out.shape[-1]
-    weighted = expert_out * plan.slot_weight[..., None].astype(expert_out.dtype)
-    out = jnp.zeros((num_groups, num_tokens + 1, d_model), expert_out.dtype)
+    weighted = expert_out.astype(jnp.float32) * plan.slot_weight[..., None]
+    out = jnp.zeros((num_groups, num_tokens + 1, d_model), jnp.float32)
     out = out.at[jnp.arange(num_groups)[:, None], plan.slot_token.reshape(num_groups, -1)].add(
         weighted.reshape(num_groups, -1, d_model)
     )
@@ -92,7 +93,7 @@ def dropless_moe(
     flat_x = x.reshape(num_groups * num_tokens, d_model)
     sorted_out = run_experts(flat_x[token_of[order]], group_sizes)  # [G*T*k, d]
     gates = jnp.where(choices.selected, choices.gates, 0.0).reshape(-1)[order]
-    out = jnp.zeros_like(flat_x).at[token_of[order]].add(
-        sorted_out * gates[:, None].astype(sorted_out.dtype)
+    out = jnp.zeros(flat_x.shape, jnp.float32).at[token_of[order]].add(
+        sorted_out.astype(jnp.float32) * gates[:, None]
     )
     return out.reshape(num_groups, num_tokens, d_model)

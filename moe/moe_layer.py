@@ -6,6 +6,11 @@ The layer owns no routing rule (see `moe.routing`) and no dispatch arithmetic (s
     x [B, L, d] -> tokens [N, d] -> groups [G, T, d]           (G sharded like the batch)
     -> expert buffers [G, E, C, d] -> [E, G, C, d]              (all-to-all: E over 'expert')
     -> experts -> [E, G, C, d] -> [G, E, C, d] -> combine [G, T, d] -> [B, L, d]
+
+Groups are contiguous slices of the flattened [B*L] tokens. Two formulas choose how many:
+'fewest' (ours, `group_shape`) and 'flaxformer' (`flaxformer_group_shape`), which reproduces
+flaxformer's `_num_groups` and its padding of the batch or length so that checkpoints trained
+there route the same tokens together here.
 """
 
 import math
@@ -41,6 +46,42 @@ def group_shape(
     return num_groups, math.ceil(num_tokens / num_groups)
 
 
+def flaxformer_group_shape(
+    batch: int,
+    length: int,
+    max_group_size: int,
+    num_experts: int,
+    num_expert_replicas: int = 1,
+) -> tuple[int, int, int, int]:
+    """(padded batch, padded length, G, T) as flaxformer's MoeLayer computes them.
+
+    If the B*L tokens are not a multiple of `num_experts * num_expert_replicas`, flaxformer
+    pads whichever of the batch or the length needs fewer padding tokens (its `_maybe_pad`;
+    ties pad the length). Then G is the smallest count >= N // max_group_size and >= that
+    multiple that divides N and is a multiple of it (its `_num_groups`); T = N / G.
+    """
+    total_experts = num_experts * num_expert_replicas
+    if (batch * length) % total_experts:
+        pad_batch = next(p for p in range(1, total_experts + 1)
+                         if ((batch + p) * length) % total_experts == 0)
+        pad_length = next(p for p in range(1, total_experts + 1)
+                          if (batch * (length + p)) % total_experts == 0)
+        if pad_length * batch > pad_batch * length:
+            batch += pad_batch
+        else:
+            length += pad_length
+    num_tokens = batch * length
+    num_groups = max(num_tokens // max_group_size, total_experts)
+    while num_groups < num_tokens and (
+        num_tokens % num_groups or num_groups % total_experts
+    ):
+        num_groups += 1
+    return batch, length, num_groups, num_tokens // num_groups
+
+
+GROUP_FORMULAS = ("fewest", "flaxformer")
+
+
 class MoeLayer(nn.Module):
     """Sparse feed-forward block: a router and `num_experts` stacked expert MLPs.
 
@@ -58,6 +99,8 @@ class MoeLayer(nn.Module):
       dtype: activation dtype of the experts (the router always computes in float32).
       causal: True inside a causal decoder: routers that look at later tokens are refused.
       kernel_init_scale: variance scale of the expert kernels (T5X MoE configs use 0.1).
+      group_formula: 'fewest' (`group_shape`) or 'flaxformer' (`flaxformer_group_shape`).
+      num_expert_replicas: the replica count of the 'flaxformer' formula.
     """
 
     num_experts: int
@@ -71,6 +114,8 @@ class MoeLayer(nn.Module):
     dtype: Any = jnp.float32
     causal: bool = False
     kernel_init_scale: float = 1.0
+    group_formula: str = "fewest"
+    num_expert_replicas: int = 1
 
     def check_config(self) -> None:
         """Raise a ValueError naming the problem and the fix for a bad configuration."""
@@ -93,6 +138,13 @@ class MoeLayer(nn.Module):
             )
         if self.max_group_size < 1:
             raise ValueError(f"max_group_size must be >= 1, got {self.max_group_size}.")
+        if self.group_formula not in GROUP_FORMULAS:
+            raise ValueError(
+                f"Unknown group_formula {self.group_formula!r}; choose one of "
+                f"{list(GROUP_FORMULAS)}."
+            )
+        if self.num_expert_replicas < 1:
+            raise ValueError(f"num_expert_replicas must be >= 1, got {self.num_expert_replicas}.")
         if self.causal and self.router.uses_whole_group and not self.router.allow_causal:
             raise ValueError(
                 f"{type(self.router).__name__} compares tokens across the whole group (expert "
@@ -120,14 +172,27 @@ class MoeLayer(nn.Module):
                 f"padding_mask has shape {padding_mask.shape}; expected (batch, length) = "
                 f"{(batch, length)}."
             )
-        num_tokens = batch * length
-        num_groups, group_size = group_shape(
-            num_tokens, self.max_group_size, self.num_expert_partitions
-        )
+        real = jnp.ones((batch, length), bool) if padding_mask is None else padding_mask
+        # Padding is routed like a real token when the router does not ignore it (flaxformer).
+        real = real.astype(bool) | (not self.router.ignore_padding_tokens)
+        if self.group_formula == "flaxformer":
+            padded_batch, padded_length, num_groups, group_size = flaxformer_group_shape(
+                batch, length, self.max_group_size, self.num_experts, self.num_expert_replicas
+            )
+            # flaxformer pads with zero tokens, which its routers route unless they ignore
+            # padding tokens.
+            grow = ((0, padded_batch - batch), (0, padded_length - length))
+            x = jnp.pad(x, (*grow, (0, 0)))
+            real = jnp.pad(real, grow, constant_values=not self.router.ignore_padding_tokens)
+        else:
+            padded_batch, padded_length = batch, length
+            num_groups, group_size = group_shape(
+                batch * length, self.max_group_size, self.num_expert_partitions
+            )
+        num_tokens = padded_batch * padded_length
         pad = num_groups * group_size - num_tokens
         tokens = jnp.pad(x.reshape(num_tokens, d_model), ((0, pad), (0, 0)))
-        real = jnp.ones((num_tokens,), bool) if padding_mask is None else padding_mask.reshape(-1)
-        real = jnp.pad(real.astype(bool), (0, pad)).reshape(num_groups, group_size)
+        real = jnp.pad(real.reshape(-1), (0, pad)).reshape(num_groups, group_size)
         grouped = tokens.reshape(num_groups, group_size, d_model)  # [G, T, d]
         grouped = nn.with_logical_constraint(grouped, ("batch", "unmodeled", "embed"))
 
@@ -164,6 +229,5 @@ class MoeLayer(nn.Module):
             out = combine(expert_out, plan)  # [G, T, d]
         out = nn.with_logical_constraint(out, ("batch", "unmodeled", "embed"))
         self.sow("moe", "diagnostics", routing_diagnostics(plan))
-        return out.reshape(num_groups * group_size, d_model)[:num_tokens].reshape(
-            batch, length, d_model
-        )
+        out = out.reshape(num_groups * group_size, d_model)[:num_tokens]
+        return out.reshape(padded_batch, padded_length, d_model)[:batch, :length]

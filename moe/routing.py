@@ -309,6 +309,9 @@ class TokenChoice:
         raw softmax probabilities (Switch, flaxformer).
       jitter_noise: multiplicative U(1-eps, 1+eps) noise in training, on the router 'inputs'
         (flaxformer) or 'logits' (Switch paper pseudo-code).
+      ignore_padding_tokens: padding is never routed (ours). False routes padding positions
+        like real tokens, so they can take expert capacity: flaxformer's default
+        (`ignore_padding_tokens=False`), needed for parity with its checkpoints.
     """
 
     num_selected_experts: int = 1
@@ -322,6 +325,7 @@ class TokenChoice:
     jitter_noise: float = 0.0
     jitter_on: JitterTarget = "inputs"
     allow_causal: bool = False
+    ignore_padding_tokens: bool = True
 
     @property
     def num_choices(self) -> int:
@@ -392,13 +396,14 @@ class ExpertChoice:
 
     It compares tokens across the whole group, so in a causal decoder a token's routing depends
     on later tokens (the model can learn to cheat). Causal stacks refuse it unless
-    `allow_causal=True`.
+    `allow_causal=True`. `ignore_padding_tokens` as for `TokenChoice`.
     """
 
     capacity_factor: float = 2.0
     eval_capacity_factor: float | None = None
     min_capacity: int = 1
     allow_causal: bool = False
+    ignore_padding_tokens: bool = True
 
     num_choices = 1
     uses_whole_group = True

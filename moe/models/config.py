@@ -39,9 +39,16 @@ class SparseConfig:
         decoder-only models use plain 'gelu' experts next to 'gated-gelu' dense MLPs.
       dispatch: 'index', 'mask' or 'dropless' (see `MoeLayer`).
       group_size: maximum tokens per routing group (GROUP_SIZE).
+      group_formula: how tokens are cut into routing groups: 'fewest' (ours: the fewest groups
+        of at most group_size tokens, independent of the mesh) or 'flaxformer' (its
+        `_num_groups`, for parity with T5X/flaxformer checkpoints); see `moe_layer`.
+      num_expert_replicas: the expert replica count of the 'flaxformer' formula (flaxformer
+        takes it from the device count: devices / (expert x model partitions)).
       num_expert_partitions: the mesh's expert axis size the layers are laid out for.
       expert_dropout_rate: dropout inside the experts (EXPERT_DROPOUT_RATE).
       extra_dense_mlp: ST-MoE: a dense MLP sublayer after each sparse one.
+      dtype: activation dtype of the experts and of dispatch/combine (MOE_TRUNCATED_DTYPE);
+        None: the model's dtype. The router always computes in float32.
     """
 
     num_sparse_layers: int = 0
@@ -52,9 +59,16 @@ class SparseConfig:
     activation: str | None = None
     dispatch: str = "index"
     group_size: int = 4096
+    group_formula: str = "fewest"
+    num_expert_replicas: int = 1
     num_expert_partitions: int = 1
     expert_dropout_rate: float = 0.0
     extra_dense_mlp: bool = False
+    dtype: Any = None
+
+    def __post_init__(self):
+        if self.dtype is not None:
+            object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
 
 
 @gin.configurable
@@ -69,7 +83,21 @@ class TransformerConfig:
       dropout_rate: dropout after each sublayer, on embeddings and in MLPs / attention weights.
       relative_attention_num_buckets, relative_attention_max_distance: T5's position buckets.
       logits_via_embedding: tie the output projection to the token embedding.
+      scale_tied_logits: with tied logits, multiply the decoder output by 1/sqrt(d_model)
+        before the embedding (T5X, Mesh TF, original T5, Switch). False for the T5 v1.1
+        configs that Hugging Face transformers >= 5 writes (tied, unscaled).
       kernel_init_scale: variance scale of the kernels (0.1 in T5X's MoE configs).
+      dtype: activation dtype (ACTIVATION_DTYPE); parameters stay float32 and are cast.
+        Output logits are always computed in float32 (T5X).
+      float32_attention_logits: attention logits and softmax in float32 whatever `dtype`;
+        False computes them in `dtype`, as flaxformer does by default (bfloat16 parity).
+      logit_mask: flaxformer's position masks: the normed input of every sublayer and the
+        final normed output of each stack are multiplied by 1 at real positions and 0
+        elsewhere (encoder: token > 0; decoder: `decoder_logit_mask`, which also keeps
+        position 0 and the position after each real token). Masked positions then enter the
+        routers as exact zero vectors and masked decoder positions give exactly zero logits.
+        Needed for parity with flaxformer when routers route padding
+        (`ignore_padding_tokens=False`); with our default routers it changes no real token.
       max_length: longest sequence accepted (None: unchecked); longer inputs raise.
       remat: rematerialize each layer in the backward pass (less memory, more compute).
       scan_layers: run each stack as an `nn.scan` over its repeating block of layers (the
@@ -91,8 +119,11 @@ class TransformerConfig:
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
     logits_via_embedding: bool = False
+    scale_tied_logits: bool = True
     kernel_init_scale: float = 1.0
     dtype: Any = jnp.float32
+    float32_attention_logits: bool = True
+    logit_mask: bool = False
     max_length: int | None = None
     remat: bool = False
     scan_layers: bool = False
@@ -100,6 +131,8 @@ class TransformerConfig:
     decoder_sparse: SparseConfig = SparseConfig()
 
     def __post_init__(self):
+        # gin binds dtypes as strings ('bfloat16', as in T5X's ACTIVATION_DTYPE).
+        object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
         sizes = ("vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_decoder_layers")
         for name in sizes:
             value = getattr(self, name)

@@ -43,7 +43,9 @@ class RmsNorm(nn.Module):
         scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",))
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
-        return (x32 * scale).astype(self.dtype)
+        # Cast, then scale in the activation dtype: flaxformer's order, so that bf16 runs
+        # round where its checkpoints were trained to.
+        return x32.astype(self.dtype) * scale.astype(self.dtype)
 
 
 class Embed(nn.Module):
@@ -69,8 +71,9 @@ class Embed(nn.Module):
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     def attend(self, x: jax.Array) -> jax.Array:
-        """Logits against the (tied) embedding matrix: [..., embed] -> [..., vocab]."""
-        return jnp.einsum("...d,vd->...v", x, self.embedding.astype(self.dtype))
+        """Logits against the (tied) embedding matrix: [..., embed] -> [..., vocab], computed
+        in float32 whatever the activation dtype (T5X's `attend_dtype`)."""
+        return jnp.einsum("...d,vd->...v", x.astype(jnp.float32), self.embedding)
 
 
 def relative_position_bucket(
@@ -134,6 +137,10 @@ class MultiHeadAttention(nn.Module):
     `decode_position` (a scalar); `keep_cache` ([batch] bool) leaves an example's entries as
     they are (its prompt was prefilled). `prefill=True` writes a full-length input's keys and
     values at positions 0..length-1.
+
+    `float32_logits`: attention logits, bias and softmax in float32 (ours); False keeps them in
+    the activation dtype, as flaxformer's attention does by default (`float32_logits=False`),
+    for bit-level parity with bfloat16 models trained there.
     """
 
     num_heads: int
@@ -141,6 +148,7 @@ class MultiHeadAttention(nn.Module):
     dropout_rate: float = 0.0
     dtype: jnp.dtype = jnp.float32
     kernel_init_scale: float = 1.0
+    float32_logits: bool = True
 
     @nn.compact
     def __call__(
@@ -177,9 +185,10 @@ class MultiHeadAttention(nn.Module):
         if decode:
             key, value = self._update_cache(key, value, prefill, decode_position, keep_cache)
 
-        logits = jnp.einsum("bqhk,bshk->bhqs", query, key).astype(jnp.float32)
+        logits_dtype = jnp.float32 if self.float32_logits else dt
+        logits = jnp.einsum("bqhk,bshk->bhqs", query, key).astype(logits_dtype)
         if bias is not None:
-            logits = logits + bias.astype(jnp.float32)
+            logits = logits + bias.astype(logits_dtype)
         weights = jax.nn.softmax(logits, axis=-1).astype(dt)
         if not deterministic and self.dropout_rate > 0:
             weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)

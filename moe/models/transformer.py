@@ -34,6 +34,25 @@ def attention_bias(mask: jax.Array) -> jax.Array:
     return jnp.where(mask, 0.0, _MASK_VALUE)[:, None].astype(jnp.float32)
 
 
+def decoder_logit_mask(decoder_input_tokens: jax.Array) -> jax.Array:
+    """flaxformer's `get_decoder_logit_mask`: [batch, length] -> bool [batch, length].
+
+    A position is kept when its input token is real, when the next input token is real (the
+    last target of a sequence, whose input is shifted one step right), or at position 0 (the
+    0-BOS token). This keeps one position past the last real target, whose hidden state is
+    not attended to by anyone but is routed by flaxformer's MoE layers.
+    """
+    tokens = decoder_input_tokens
+    next_tokens = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
+    first = jnp.arange(tokens.shape[1])[None, :] == 0
+    return (tokens > 0) | (next_tokens > 0) | first
+
+
+def _masked(x: jax.Array, position_mask: jax.Array | None) -> jax.Array:
+    """x [batch, length, d] times a [batch, length] 0/1 mask (or x itself without one)."""
+    return x if position_mask is None else x * position_mask[..., None].astype(x.dtype)
+
+
 def _segments(segment_ids: jax.Array | None, real: jax.Array) -> jax.Array:
     """Segment ids, or 1 for real tokens and 0 for padding when the batch is not packed."""
     return real.astype(jnp.int32) if segment_ids is None else segment_ids
@@ -81,7 +100,10 @@ class TransformerLayer(nn.Module):
         prefill: bool = False,
         decode_position: jax.Array | None = None,
         keep_cache: jax.Array | None = None,
+        position_mask: jax.Array | None = None,
     ) -> jax.Array:
+        """`position_mask` [batch, length]: flaxformer's logit mask, multiplied into the normed
+        input of every sublayer (see `TransformerConfig.logit_mask`); None: no mask."""
         cfg = self.config
         drop = nn.Dropout(cfg.dropout_rate, name="dropout")
 
@@ -92,6 +114,7 @@ class TransformerLayer(nn.Module):
                 dropout_rate=cfg.dropout_rate,
                 dtype=cfg.dtype,
                 kernel_init_scale=cfg.kernel_init_scale,
+                float32_logits=cfg.float32_attention_logits,
                 name=name,
             )
 
@@ -106,6 +129,7 @@ class TransformerLayer(nn.Module):
             )
 
         h = RmsNorm(dtype=cfg.dtype, name="pre_self_attention_layer_norm")(x)
+        h = _masked(h, position_mask)
         h = attention("self_attention")(
             h, h, self_bias, deterministic, decode, prefill, decode_position, keep_cache
         )
@@ -113,10 +137,12 @@ class TransformerLayer(nn.Module):
 
         if self.cross_attention:
             h = RmsNorm(dtype=cfg.dtype, name="pre_cross_attention_layer_norm")(x)
+            h = _masked(h, position_mask)
             h = attention("encoder_decoder_attention")(h, encoded, cross_bias, deterministic)
             x = x + drop(h, deterministic=deterministic)
 
         h = RmsNorm(dtype=cfg.dtype, name="pre_mlp_layer_norm")(x)
+        h = _masked(h, position_mask)
         if self.sparse:
             s = self.sparse_config
             h = MoeLayer(
@@ -126,9 +152,11 @@ class TransformerLayer(nn.Module):
                 activation=s.activation or cfg.activation,
                 dispatch=s.dispatch,
                 max_group_size=s.group_size,
+                group_formula=s.group_formula,
+                num_expert_replicas=s.num_expert_replicas,
                 num_expert_partitions=s.num_expert_partitions,
                 expert_dropout_rate=s.expert_dropout_rate,
-                dtype=cfg.dtype,
+                dtype=cfg.dtype if s.dtype is None else s.dtype,
                 causal=self.causal,
                 kernel_init_scale=cfg.kernel_init_scale,
                 name="mlp",
@@ -139,6 +167,7 @@ class TransformerLayer(nn.Module):
 
         if self.sparse and self.sparse_config.extra_dense_mlp:
             h = RmsNorm(dtype=cfg.dtype, name="pre_extra_mlp_layer_norm")(x)
+            h = _masked(h, position_mask)
             h = dense_mlp("extra_mlp")(h, deterministic)
             x = x + drop(h, deterministic=deterministic)
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -174,14 +203,16 @@ class _LayerBlock(nn.Module):
     prefill: bool
 
     @nn.compact
-    def __call__(self, x, self_bias, encoded, cross_bias, padding_mask, position, keep_cache):
+    def __call__(
+        self, x, self_bias, encoded, cross_bias, padding_mask, position, keep_cache, position_mask
+    ):
         for j, sparse in enumerate(self.layers_sparse):
             x = TransformerLayer(
                 self.config, sparse, self.sparse_config, self.causal, self.cross_attention,
                 name=f"layers_{j}",
             )(
                 x, self_bias, encoded, cross_bias, padding_mask, self.deterministic, self.decode,
-                self.prefill, position, keep_cache,
+                self.prefill, position, keep_cache, position_mask,
             )
         return x, None
 
@@ -210,6 +241,7 @@ class TransformerStack(nn.Module):
         prefill: bool = False,
         decode_position: jax.Array | None = None,
         keep_cache: jax.Array | None = None,
+        position_mask: jax.Array | None = None,
     ) -> jax.Array:
         cfg = self.config
         position_bias = RelativePositionBiases(
@@ -225,7 +257,7 @@ class TransformerStack(nn.Module):
         if cfg.scan_layers:
             x = self._scanned(
                 x, self_bias, encoded, cross_bias, padding_mask, deterministic, decode, prefill,
-                decode_position, keep_cache,
+                decode_position, keep_cache, position_mask,
             )
         else:
             layer_cls = _layer_class(cfg)
@@ -235,14 +267,14 @@ class TransformerStack(nn.Module):
                     name=f"layers_{i}",
                 )(
                     x, self_bias, encoded, cross_bias, padding_mask, deterministic, decode,
-                    prefill, decode_position, keep_cache,
+                    prefill, decode_position, keep_cache, position_mask,
                 )
-        x = RmsNorm(dtype=cfg.dtype, name="final_layer_norm")(x)
+        x = _masked(RmsNorm(dtype=cfg.dtype, name="final_layer_norm")(x), position_mask)
         return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
     def _scanned(
         self, x, self_bias, encoded, cross_bias, padding_mask, deterministic, decode, prefill,
-        position, keep_cache,
+        position, keep_cache, position_mask,
     ):
         period = scan_period(self.layers_sparse)
         block_cls = nn.remat(_LayerBlock, prevent_cse=False) if self.config.remat else _LayerBlock
@@ -250,14 +282,14 @@ class TransformerStack(nn.Module):
             block_cls,
             variable_axes={"params": 0, "cache": 0, "moe": 0},
             split_rngs={"params": True, "dropout": True, "router": True},
-            in_axes=(nn.broadcast,) * 6,
+            in_axes=(nn.broadcast,) * 7,
             length=len(self.layers_sparse) // period,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
         x, _ = scanned(
             self.config, self.layers_sparse[:period], self.sparse_config, self.causal,
             self.cross_attention, deterministic, decode, prefill, name="scanned_blocks",
-        )(x, self_bias, encoded, cross_bias, padding_mask, position, keep_cache)
+        )(x, self_bias, encoded, cross_bias, padding_mask, position, keep_cache, position_mask)
         return x
 
 
@@ -278,7 +310,8 @@ class OutputProjection(nn.Module):
             (cfg.d_model, cfg.vocab_size),
             jnp.float32,
         )
-        return jnp.einsum("bld,dv->blv", x, kernel.astype(cfg.dtype)).astype(jnp.float32)
+        # float32 whatever the activation dtype, as T5X's `logits_dense` (stability).
+        return jnp.einsum("bld,dv->blv", x.astype(jnp.float32), kernel)
 
 
 class _Logits:
@@ -291,10 +324,17 @@ class _Logits:
 
     def logits(self, y: jax.Array) -> jax.Array:
         if self.config.logits_via_embedding:
-            out = self.token_embedder.attend(y) / jnp.sqrt(y.shape[-1]).astype(y.dtype)
+            out = self.token_embedder.attend(y)
+            if self.config.scale_tied_logits:
+                out = out / jnp.sqrt(y.shape[-1]).astype(out.dtype)
         else:
             out = self.logits_dense(y)
         return nn.with_logical_constraint(out.astype(jnp.float32), ("batch", "length", "vocab"))
+
+    def _logit_mask(self, decoder_input_tokens: jax.Array) -> jax.Array | None:
+        if not self.config.logit_mask:
+            return None
+        return decoder_logit_mask(decoder_input_tokens)
 
 
 def _check_tokens(tokens: jax.Array, name: str, config: TransformerConfig) -> None:
@@ -330,8 +370,11 @@ class Decoder(nn.Module):
         decode: bool = False,
         prefill: bool = False,
         keep_cache: jax.Array | None = None,
+        position_mask: jax.Array | None = None,
     ) -> jax.Array:
-        """[batch, length, embed] -> [batch, length, embed] (length 1 in a decoding step)."""
+        """[batch, length, embed] -> [batch, length, embed] (length 1 in a decoding step).
+
+        `position_mask`: flaxformer's decoder logit mask (teacher-forced calls only)."""
         batch, length = embedded.shape[:2]
         step = decode and not prefill and self.has_variable("cache", "position")
         if decode:
@@ -373,6 +416,7 @@ class Decoder(nn.Module):
         return stack(
             embedded, self_mask, query_positions, key_positions, encoded, cross_bias,
             padding_mask, deterministic, decode, prefill, p, keep_cache,
+            None if decode else position_mask,
         )
 
 
@@ -410,6 +454,7 @@ class EncoderDecoder(_Logits, nn.Module):
         return self.encoder(
             x, self_attention_mask(segments, causal=False), positions, positions,
             padding_mask=segments > 0, deterministic=deterministic,
+            position_mask=encoder_input_tokens > 0 if self.config.logit_mask else None,
         )
 
     def decode(
@@ -447,7 +492,8 @@ class EncoderDecoder(_Logits, nn.Module):
         segments = _segments(decoder_segment_ids, real)
         y = self.token_embedder(decoder_input_tokens)
         y = self.decoder(
-            y, segments, segments > 0, None, encoded, encoder_segments, deterministic, decode
+            y, segments, segments > 0, None, encoded, encoder_segments, deterministic, decode,
+            position_mask=self._logit_mask(decoder_input_tokens),
         )
         return self.logits(y)
 
@@ -530,6 +576,6 @@ class DecoderOnly(_Logits, nn.Module):
         y = self.token_embedder(decoder_input_tokens)
         y = self.decoder(
             y, segments, segments > 0, decoder_causal_attention, None, None, deterministic,
-            decode, prefill, keep_cache,
+            decode, prefill, keep_cache, self._logit_mask(decoder_input_tokens),
         )
         return self.logits(y)
