@@ -34,13 +34,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from moe.checkpoint_errors import CheckpointError
+from moe.checkpoint_sources import (
+    DATA_ITEM,
+    STATE_ITEM,
+    OrbaxSource,
+    _path_str,
+    flatten_params,
+    open_param_source,
+    resolve_state_dir,
+)
+
 AssignmentMap = Sequence[tuple[str, str | None]]
-
-STATE_ITEM, DATA_ITEM = "state", "data"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be found or does not fit the model it is restored into."""
 
 
 @gin.configurable
@@ -136,57 +141,13 @@ class Checkpointer:
 
 
 # ---------------------------------------------------------------------------------------------
-# Partial restore from another checkpoint (fine-tuning, upcycling)
+# Partial restore from another checkpoint (fine-tuning, upcycling, T5X checkpoints)
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve_state_dir(path: str, step: int | None = None) -> epath.Path:
-    """The `state` item directory of a checkpoint given as a manager dir or a step dir.
-
-    Accepts `MODEL_DIR/checkpoints` (latest or `step`), `MODEL_DIR/checkpoints/<step>`, or
-    `MODEL_DIR` itself (its `checkpoints/` folder).
-    """
-    root = epath.Path(os.path.abspath(path))  # Orbax needs absolute paths
-    if (root / STATE_ITEM).is_dir():
-        return root / STATE_ITEM
-    for base in (root, root / "checkpoints"):
-        if base.is_dir():
-            steps = sorted(int(p.name) for p in base.iterdir() if p.name.isdigit())
-            if steps:
-                chosen = steps[-1] if step is None else step
-                if chosen not in steps:
-                    raise CheckpointError(
-                        f"No step {chosen} under {base}; available steps: {steps}."
-                    )
-                return base / str(chosen) / STATE_ITEM
-    raise CheckpointError(
-        f"No checkpoint found at {path!r}: expected a step directory holding '{STATE_ITEM}/', "
-        "or a directory of numbered step directories. Check INITIAL_CHECKPOINT_PATH."
-    )
-
-
-def _path_str(key_path) -> str:
-    parts = []
-    for k in key_path:
-        parts.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
-    return "/".join(parts)
-
-
-def flatten_params(params: Any) -> dict[str, Any]:
-    """`{'a/b/c': leaf}` for a nested dict of parameters."""
-    return {_path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
-
-
 def checkpoint_param_shapes(state_dir: epath.Path) -> dict[str, tuple[tuple[int, ...], Any]]:
-    """Shapes and dtypes of every parameter in a saved state, from Orbax's metadata."""
-    metadata = ocp.StandardCheckpointer().metadata(state_dir)
-    tree = getattr(metadata, "item_metadata", metadata)
-    tree = getattr(tree, "tree", tree)
-    if "params" not in tree:
-        raise CheckpointError(f"Checkpoint {state_dir} holds no 'params'; keys: {list(tree)}.")
-    return {
-        k: (tuple(m.shape), m.dtype) for k, m in flatten_params(tree["params"]).items()
-    }
+    """Shapes and dtypes of every parameter in one of our saved states."""
+    return OrbaxSource.open(epath.Path(state_dir)).shapes
 
 
 def _source_for(target: str, assignment_map: AssignmentMap) -> str | None:
@@ -204,93 +165,93 @@ def restore_params_from(
     assignment_map: AssignmentMap = (),
     fallback_to_scratch: bool = False,
     step: int | None = None,
+    strict: bool = True,
 ) -> tuple[Any, dict[str, str]]:
-    """Fill `init_params` (a tree of initialized arrays) from the checkpoint at `path`.
+    """Fill `init_params` (a tree of initialized arrays) from the checkpoint at `path`, one of
+    ours or a T5X one (see `moe.checkpoint_sources`).
 
     Returns the new parameters (same tree, shardings and dtypes as `init_params`: values are
-    cast and resharded) and a report `{target_path: source_path | 'initialized'}`.
+    cast, reshaped from the checkpoint's layout and resharded) and a report
+    `{target_path: source_path | 'initialized'}`.
 
     A target whose source is missing raises `CheckpointError` unless `fallback_to_scratch`
     (then it keeps its initialization). A source of shape `S` fills a target of shape
-    `(E, *S)` by copying it into each of the E experts (sparse upcycling).
+    `(E, *S)` by copying it into each of the E experts (sparse upcycling). With `strict`, a
+    checkpoint parameter that no target takes is an error too: the model would silently be a
+    different network (fewer layers, tied instead of separate logits, ...).
     """
-    state_dir = resolve_state_dir(path, step)
-    available = checkpoint_param_shapes(state_dir)
+    source = open_param_source(path, step)
     targets = flatten_params(init_params)
 
-    plan: dict[str, str | None] = {}
+    plan: dict[str, tuple[str, tuple[int, ...]] | None] = {}
     problems = []
     for name, leaf in targets.items():
-        source = _source_for(name, assignment_map)
-        if source is None:
+        source_name = _source_for(name, assignment_map)
+        if source_name is None:
             plan[name] = None
             continue
-        if source not in available:
+        stored = source.stored_shape(source_name)
+        if stored is None:
             if fallback_to_scratch:
                 plan[name] = None
                 continue
-            problems.append(f"{name} <- {source}: not in the checkpoint")
+            problems.append(f"{name} <- {source_name}: not in the checkpoint")
             continue
-        src_shape = available[source][0]
-        if src_shape != leaf.shape and src_shape != leaf.shape[1:]:
-            problems.append(f"{name} {leaf.shape} <- {source} {src_shape}: shapes differ")
-            continue
-        plan[name] = source
+        shape = tuple(leaf.shape)
+        if stored == source.expected_shape(source_name, shape):
+            plan[name] = (source_name, shape)
+        elif shape and stored == source.expected_shape(source_name, shape[1:]):
+            plan[name] = (source_name, shape[1:])  # upcycling: one copy per expert
+        else:
+            problems.append(
+                f"{name}: the model's shape is {shape}, the checkpoint's {source_name} has "
+                f"{stored} (stored layout for this model: "
+                f"{source.expected_shape(source_name, shape)})"
+            )
+    if strict:
+        used = {p[0] for p in plan.values() if p is not None}
+        unused = source.unused(used)
+        if unused:
+            problems.append(
+                f"checkpoint parameters no model parameter takes: {sorted(unused)}"
+            )
     if problems:
         raise CheckpointError(
-            f"Cannot restore parameters from {state_dir}:\n  " + "\n  ".join(problems)
-            + "\nAdd assignment_map rules (target_regex, source or None), or set "
-            "fallback_to_scratch=True to keep the fresh initialization of missing ones."
+            f"The model does not fit the checkpoint {source.description}:\n  "
+            + "\n  ".join(problems)
+            + "\nUse the model gin the checkpoint was trained with (for a T5X checkpoint, its "
+            "config.gin, or `python -m moe.convert from_t5x` to write ours), fix the macros "
+            "that differ (EMBED_DIM, NUM_HEADS, NUM_EXPERTS, ...), or add assignment_map rules "
+            "(target_regex, source or None) / fallback_to_scratch=True for deliberate changes."
         )
 
-    needed = sorted({s for s in plan.values() if s is not None})
-    loaded = _read_host_arrays(state_dir, needed, available)
+    needed = sorted({p[0] for p in plan.values() if p is not None})
+    loaded = source.read(needed)
 
     new_leaves = {}
     report = {}
     for name, leaf in targets.items():
-        source = plan[name]
-        if source is None:
+        if plan[name] is None:
             new_leaves[name] = leaf
             report[name] = "initialized"
             continue
-        value = loaded[source]
+        source_name, shape = plan[name]
+        value = loaded[source_name].reshape(shape)
         if value.shape != leaf.shape:  # sparse upcycling: one copy of the dense kernel per expert
             value = np.broadcast_to(value, leaf.shape)
         new_leaves[name] = jax.device_put(
             jnp.asarray(value, dtype=leaf.dtype), getattr(leaf, "sharding", None)
         )
-        report[name] = source
+        report[name] = source_name
     flat_paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(init_params)[0]]
     treedef = jax.tree.structure(init_params)
     params = jax.tree.unflatten(treedef, [new_leaves[_path_str(p)] for p in flat_paths])
     initialized = [k for k, v in report.items() if v == "initialized"]
     logging.info(
         "Restored %d parameters from %s; %d freshly initialized: %s",
-        len(report) - len(initialized), state_dir, len(initialized), initialized,
+        len(report) - len(initialized), source.description, len(initialized), initialized,
     )
     return params, report
-
-
-def _read_host_arrays(state_dir, names, available) -> dict[str, np.ndarray]:
-    """Read the named parameters of a saved state into host numpy arrays."""
-    if not names:
-        return {}
-    item: dict = {}
-    for name in names:
-        node = item.setdefault("params", {})
-        *parents, last = name.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        shape, dtype = available[name]
-        node[last] = np.zeros(shape, dtype)  # numpy leaves restore as numpy (host) arrays
-    restore_args = jax.tree.map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray), item)
-    restored = ocp.PyTreeCheckpointer().restore(
-        state_dir,
-        args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
-    )
-    flat = flatten_params(restored["params"])
-    return {name: np.asarray(flat[name]) for name in names}
 
 
 def directory_is_writable(path: str) -> None:

@@ -120,7 +120,8 @@ def test_partial_restore_with_assignment_map_and_fallback(tmp_path):
         checkpoints.restore_params_from(str(tmp_path / "pre"), new,
                                         [(r"renamed/(.*)", r"dense/\1")])
     params, report = checkpoints.restore_params_from(
-        str(tmp_path / "pre"), new, [(r"renamed/(.*)", r"dense/\1")], fallback_to_scratch=True)
+        str(tmp_path / "pre"), new, [(r"renamed/(.*)", r"dense/\1")], fallback_to_scratch=True,
+        strict=False)
     assert report == {"embed": "embed", "head": "initialized", "renamed/wi": "dense/wi"}
     assert params["embed"].dtype == jnp.bfloat16
     np.testing.assert_array_equal(params["embed"], pre["params"]["embed"].astype(jnp.bfloat16))
@@ -129,22 +130,34 @@ def test_partial_restore_with_assignment_map_and_fallback(tmp_path):
     # A None source keeps the initialization even when the checkpoint has the parameter.
     params, report = checkpoints.restore_params_from(
         str(tmp_path / "pre") + "/5", new, [(r"embed", None), (r"renamed/(.*)", r"dense/\1")],
-        fallback_to_scratch=True)
+        fallback_to_scratch=True, strict=False)
     assert report["embed"] == "initialized"
     np.testing.assert_array_equal(params["embed"], 0.0)
 
 
 def test_shape_mismatch_is_named(tmp_path):
     _save_dense(tmp_path)
-    with pytest.raises(checkpoints.CheckpointError, match=r"embed \(3, 4\).*shapes differ"):
-        checkpoints.restore_params_from(str(tmp_path / "pre"), {"embed": jnp.zeros((3, 4))})
+    with pytest.raises(checkpoints.CheckpointError,
+                       match=r"embed: the model's shape is \(3, 4\), the checkpoint's embed has "
+                             r"\(16, 4\)"):
+        checkpoints.restore_params_from(str(tmp_path / "pre"), {"embed": jnp.zeros((3, 4))},
+                                        strict=False)
+
+
+def test_checkpoint_parameters_the_model_lacks_are_an_error(tmp_path):
+    """A model gin with fewer parameters than the checkpoint (fewer layers, tied logits...)
+    would silently drop weights: strict restores refuse, naming them."""
+    _save_dense(tmp_path)
+    with pytest.raises(checkpoints.CheckpointError, match=r"no model parameter takes.*dense/wi"):
+        checkpoints.restore_params_from(str(tmp_path / "pre"), {"embed": jnp.zeros((16, 4))})
 
 
 def test_sparse_upcycling_copies_dense_into_every_expert(tmp_path):
     pre = _save_dense(tmp_path)
     moe = {"moe": {"expert": {"wi": jnp.zeros((8, 4, 6))}, "router": jnp.zeros((4, 8))}}
     params, report = checkpoints.restore_params_from(
-        str(tmp_path / "pre"), moe, [(r"moe/router", None), (r"moe/expert/(.*)", r"dense/\1")])
+        str(tmp_path / "pre"), moe, [(r"moe/router", None), (r"moe/expert/(.*)", r"dense/\1")],
+        strict=False)
     assert report["moe/router"] == "initialized"
     for e in range(8):
         np.testing.assert_array_equal(
