@@ -254,6 +254,21 @@ def restore_params_from(
     return params, report
 
 
+def save_params(model_dir: str, params: Any, step: int = 0) -> str:
+    """Write `params` as one of our checkpoints under `model_dir/checkpoints/<step>` (a
+    converted checkpoint: state `{'step', 'params'}`, no optimizer state), usable as
+    INITIAL_CHECKPOINT_PATH or CHECKPOINT_PATH. Complete or absent: Orbax renames the step
+    into place only when it is fully written. Returns the checkpoint directory."""
+    directory = os.path.join(os.path.abspath(model_dir), "checkpoints")
+    checkpointer = Checkpointer(directory, period=1, async_save=False)
+    try:
+        checkpointer.save(step, {"step": np.asarray(step, np.int32), "params": params}, {},
+                          force=True)
+    finally:
+        checkpointer.close()
+    return os.path.join(directory, str(step))
+
+
 def directory_is_writable(path: str) -> None:
     """Raise a clear error now if MODEL_DIR cannot be created or written."""
     try:
@@ -277,4 +292,5 @@ __all__ = [
     "flatten_params",
     "resolve_state_dir",
     "restore_params_from",
+    "save_params",
 ]

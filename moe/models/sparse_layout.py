@@ -2,12 +2,15 @@
 
 For S sparse layers out of L:
 - BOTTOM: the first S layers; TOP: the last S; MIDDLE: S layers centred in the stack;
-- MIXED: the last layer of each block of L/S layers (L=12, S=6: every other layer, 1, 3, ..).
+- MIXED: the last layer of each block of L/S layers (L=12, S=6: every other layer, 1, 3, ..);
+- HF_SWITCH: Hugging Face SwitchTransformers' placement, layer i is sparse iff
+  i % (L // S) == 1, or every layer when L // S == 1 (the second layer of each block). Equal
+  to MIXED when L / S == 2; needed to import its checkpoints with other ratios.
 """
 
 from __future__ import annotations
 
-LAYOUTS = ("BOTTOM", "TOP", "MIDDLE", "MIXED")
+LAYOUTS = ("BOTTOM", "TOP", "MIDDLE", "MIXED", "HF_SWITCH")
 
 
 def sparse_layers(
@@ -31,6 +34,9 @@ def sparse_layers(
     elif layout == "MIDDLE":
         start = (num_layers - num_sparse_layers) // 2
         sparse = range(start, start + num_sparse_layers)
+    elif layout == "HF_SWITCH":
+        step = num_layers // num_sparse_layers
+        sparse = [i for i in range(num_layers) if step == 1 or i % step == 1]
     else:
         if num_layers % num_sparse_layers:
             raise ValueError(

@@ -37,6 +37,11 @@ def test_sparse_layouts():
     assert _layers(sparse_layers(12, 3, "TOP")) == [9, 10, 11]
     assert _layers(sparse_layers(12, 4, "MIDDLE")) == [4, 5, 6, 7]
     assert _layers(sparse_layers(4, 0, "MIXED")) == []
+    # Hugging Face SwitchTransformers: i % (L // S) == 1, the second layer of each block.
+    assert _layers(sparse_layers(12, 6, "HF_SWITCH")) == _layers(sparse_layers(12, 6, "MIXED"))
+    assert _layers(sparse_layers(12, 3, "HF_SWITCH")) == [1, 5, 9]
+    assert _layers(sparse_layers(4, 1, "HF_SWITCH")) == [1]
+    assert _layers(sparse_layers(6, 4, "HF_SWITCH")) == [0, 1, 2, 3, 4, 5]  # step 1: all
     with pytest.raises(ValueError, match="MIXED layout needs num_sparse_layers"):
         sparse_layers(12, 5, "MIXED")
     with pytest.raises(ValueError, match="between 0 and the number of layers"):
