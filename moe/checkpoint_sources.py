@@ -53,6 +53,10 @@ class ParamSource(Protocol):
 
     def expected_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]: ...
 
+    def native_name(self, name: str) -> str:
+        """The checkpoint's own name for our parameter `name` (for messages)."""
+        ...
+
     def read(self, names: list[str]) -> dict[str, np.ndarray]: ...
 
     def unused(self, used: set[str]) -> list[str]:
@@ -129,6 +133,9 @@ class OrbaxSource:
         del name
         return tuple(shape)
 
+    def native_name(self, name: str) -> str:
+        return name
+
     def unused(self, used: set[str]) -> list[str]:
         return sorted(set(self.shapes) - set(used))
 
@@ -175,6 +182,9 @@ class T5xSource:
 
     def expected_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
         return flaxformer_shape(name, shape)
+
+    def native_name(self, name: str) -> str:
+        return flaxformer_name(name)
 
     def unused(self, used: set[str]) -> list[str]:
         return sorted(set(self.checkpoint.params) - {flaxformer_name(n) for n in used})

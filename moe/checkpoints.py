@@ -47,6 +47,8 @@ from moe.checkpoint_sources import (
 
 AssignmentMap = Sequence[tuple[str, str | None]]
 
+MAX_PROBLEMS_SHOWN = 12  # a mismatched model gin fails every parameter alike
+
 
 @gin.configurable
 class Checkpointer:
@@ -204,8 +206,8 @@ def restore_params_from(
             plan[name] = (source_name, shape[1:])  # upcycling: one copy per expert
         else:
             problems.append(
-                f"{name}: the model's shape is {shape}, the checkpoint's {source_name} has "
-                f"{stored} (stored layout for this model: "
+                f"{name}: the model's shape is {shape}, the checkpoint's "
+                f"{source.native_name(source_name)} has {stored} (this model would need "
                 f"{source.expected_shape(source_name, shape)})"
             )
     if strict:
@@ -216,9 +218,12 @@ def restore_params_from(
                 f"checkpoint parameters no model parameter takes: {sorted(unused)}"
             )
     if problems:
+        shown = problems[:MAX_PROBLEMS_SHOWN]
+        if len(problems) > len(shown):
+            shown.append(f"... and {len(problems) - len(shown)} more")
         raise CheckpointError(
             f"The model does not fit the checkpoint {source.description}:\n  "
-            + "\n  ".join(problems)
+            + "\n  ".join(shown)
             + "\nUse the model gin the checkpoint was trained with (for a T5X checkpoint, its "
             "config.gin, or `python -m moe.convert from_t5x` to write ours), fix the macros "
             "that differ (EMBED_DIM, NUM_HEADS, NUM_EXPERTS, ...), or add assignment_map rules "

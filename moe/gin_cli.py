@@ -7,7 +7,10 @@ types what they already know:
         --gin.MODEL_DIR="'/tmp/run'" --gin.TRAIN_STEPS=100
 
 The installed `gin_configs` package is always on the search path, so `models/...` and
-`runs/...` resolve without flags. Errors (a gin file that does not exist, a binding gin cannot
+`runs/...` resolve without flags. A T5X/flaxformer model gin (a T5X model directory's
+`config.gin`, or the gin files a published checkpoint came with) is accepted as a `--gin_file`
+too: it is read as text and translated into our model gin for the same network
+(`moe.interop.t5x_gin`). Errors (a gin file that does not exist, a binding gin cannot
 parse, an unknown configurable) are raised as `GinConfigError` naming the file or binding and the
 fix, before anything heavy (JAX, TensorFlow datasets) runs.
 """
@@ -20,6 +23,8 @@ import os
 from collections.abc import Sequence
 
 import gin
+
+from moe.interop import t5x_gin
 
 
 class GinConfigError(ValueError):
@@ -146,6 +151,9 @@ def parse_gin(
     logging.getLogger().addFilter(quiet)
     try:
         for path in files:
+            if t5x_gin.is_t5x_gin(path):
+                _parse_t5x_gin(path, search_paths)
+                continue
             try:
                 gin.parse_config_file(path)
             except Exception as e:  # gin raises several types; all mean the file is unusable.
@@ -163,6 +171,20 @@ def parse_gin(
     if finalize:
         gin.finalize()
     return files
+
+
+def _parse_t5x_gin(path: str, search_paths: Sequence[str]) -> None:
+    """A T5X/flaxformer model gin (a T5X model directory's config.gin, or the gin a published
+    checkpoint came with): parsed as our model gin computing the same network."""
+    try:
+        text = t5x_gin.translate_gin_file(path, search_paths)
+    except t5x_gin.T5xGinError as e:
+        raise GinConfigError(f"T5X gin file {path} cannot be translated: {e}") from e
+    logging.info("Read the T5X gin %s as this model gin:\n%s", path, text)
+    try:
+        gin.parse_config(text)
+    except Exception as e:
+        raise GinConfigError(f"The model gin translated from {path} cannot be parsed: {e}") from e
 
 
 def parse_command_line(argv: Sequence[str], parser: argparse.ArgumentParser) -> GinArgs:

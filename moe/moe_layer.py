@@ -229,5 +229,10 @@ class MoeLayer(nn.Module):
             out = combine(expert_out, plan)  # [G, T, d]
         out = nn.with_logical_constraint(out, ("batch", "unmodeled", "embed"))
         self.sow("moe", "diagnostics", routing_diagnostics(plan))
+        # Each token's most probable expert, [batch, length]: kept only when the caller asks
+        # for the 'intermediates' collection (`moe.logits` compares it with other codebases).
+        top1 = jnp.argmax(plan.probs, axis=-1).reshape(-1)[:num_tokens]
+        self.sow("intermediates", "router_top1_expert",
+                 top1.reshape(padded_batch, padded_length)[:batch, :length])
         out = out.reshape(num_groups * group_size, d_model)[:num_tokens]
         return out.reshape(padded_batch, padded_length, d_model)[:batch, :length]

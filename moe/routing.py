@@ -396,7 +396,8 @@ class ExpertChoice:
 
     It compares tokens across the whole group, so in a causal decoder a token's routing depends
     on later tokens (the model can learn to cheat). Causal stacks refuse it unless
-    `allow_causal=True`. `ignore_padding_tokens` as for `TokenChoice`.
+    `allow_causal=True`. `ignore_padding_tokens` and `capacity_formula` as for `TokenChoice`
+    (with k = 1: 'scaled' is ceil(cf*T/E), 'flaxformer' round(cf*T/E)).
     """
 
     capacity_factor: float = 2.0
@@ -404,6 +405,7 @@ class ExpertChoice:
     min_capacity: int = 1
     allow_causal: bool = False
     ignore_padding_tokens: bool = True
+    capacity_formula: CapacityFormula = "scaled"
 
     num_choices = 1
     uses_whole_group = True
@@ -420,7 +422,7 @@ class ExpertChoice:
             num_experts,
             _capacity_factor(self, deterministic),
             1,
-            "scaled",
+            self.capacity_formula,
             self.min_capacity,
         )
 

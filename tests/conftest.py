@@ -1,9 +1,15 @@
-"""Test set-up: 8 emulated CPU devices, configured before JAX is imported anywhere."""
+"""Test set-up: 8 emulated CPU devices, configured before JAX is imported anywhere.
+
+bfloat16 intermediates are rounded as the program writes them (no excess precision inside
+XLA fusions), as `python -m moe.logits` runs, so that parity tests against other codebases'
+bfloat16 outputs can be exact.
+"""
 
 import os
 
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=8 --xla_allow_excess_precision=false"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

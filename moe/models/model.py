@@ -163,11 +163,24 @@ class BaseModel(abc.ABC):
     def score_batch(self, params: Any, batch: Batch) -> jax.Array:
         """Sum of the target tokens' log-likelihoods per example [batch] (loss weights apply)."""
         logits, _ = self._apply(params, batch, None)
+        return self.sequence_log_likelihood(logits, batch)
+
+    def sequence_log_likelihood(self, logits: jax.Array, batch: Batch) -> jax.Array:
+        """[batch]: sum over target positions of log p(target), weighted by the loss weights."""
         log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
         token_ll = jnp.take_along_axis(
             log_probs, batch["decoder_target_tokens"][..., None].astype(jnp.int32), -1
         )[..., 0]
         return jnp.sum(token_ll * self._loss_weights(batch), axis=-1)
+
+    def compute_logits(self, params: Any, batch: Batch) -> tuple[jax.Array, dict[str, Any]]:
+        """Eval-mode logits [batch, length, vocab] (float32) and what the layers sow into
+        'intermediates' (each MoE layer's `router_top1_expert` [batch, length])."""
+        logits, state = self.module.apply(
+            {"params": params}, **self._inputs(batch), deterministic=True,
+            mutable=["moe", "intermediates"],
+        )
+        return logits, dict(state.get("intermediates", {}))
 
     # --- Predict --------------------------------------------------------------------------
 
