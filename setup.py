@@ -13,6 +13,7 @@ INSTALL_REQUIRES = [
     "optax==0.2.8",
     "orbax-checkpoint==0.12.8",
     "tensorstore==0.1.86",
+    "safetensors==0.8.0",
     "seqio==0.0.20",
     "tensorflow-cpu==2.21.0",
     "tensorflow-text==2.21.1",

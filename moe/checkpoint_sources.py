@@ -43,6 +43,11 @@ def flatten_params(params: Any) -> dict[str, Any]:
     return {_path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
+def unflatten_like(template: Any, flat: dict[str, Any]) -> Any:
+    """The tree of `template` with each leaf taken from `flat` by its '/'-joined path."""
+    return jax.tree_util.tree_map_with_path(lambda p, _: flat[_path_str(p)], template)
+
+
 class ParamSource(Protocol):
     """A checkpoint's parameters under our names."""
 
@@ -210,4 +215,5 @@ __all__ = [
     "flatten_params",
     "open_param_source",
     "resolve_state_dir",
+    "unflatten_like",
 ]

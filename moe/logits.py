@@ -10,7 +10,8 @@ that checks a port against the codebase a checkpoint came from.
 ours or the T5X model's own gin. `out.npz` gets `logits` [batch, length, vocab] (float32),
 `sequence_log_likelihood` [batch] (sum of target log-probabilities, loss weights applied) and,
 for each MoE layer, `{encoder,decoder}_router_choice_{i}` [batch, length]: the most probable
-expert of each token in layer i (the layer index of `layers_i`).
+expert of each token in the stack's i-th MoE layer from the bottom (0, 1, ...: the order of
+Hugging Face's router logits).
 
 `--float32` runs every activation in float32 (ACTIVATION_DTYPE and MOE_TRUNCATED_DTYPE). In
 bfloat16 the tool rounds every intermediate as the program writes it (XLA's
@@ -67,8 +68,9 @@ def read_features(path: str, module_inputs: Sequence[str]) -> dict[str, np.ndarr
 
 
 def router_choices(intermediates: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """`{encoder,decoder}_router_choice_{i}` from the sown `router_top1_expert` values."""
-    out = {}
+    """`{encoder,decoder}_router_choice_{i}` from the sown `router_top1_expert` values: i counts
+    the stack's MoE layers from the bottom (the order of Hugging Face's router logits)."""
+    layers: dict[str, list[tuple[int, np.ndarray]]] = {"encoder": [], "decoder": []}
     flat = jax.tree_util.tree_flatten_with_path(intermediates)[0]
     for path, value in flat:
         names = [str(getattr(k, "key", k)) for k in path]
@@ -76,8 +78,10 @@ def router_choices(intermediates: Mapping[str, Any]) -> dict[str, np.ndarray]:
             continue
         side = "encoder" if names[0] == "encoder" else "decoder"
         layer = next(n for n in names if n.startswith("layers_"))
-        out[f"{side}_router_choice_{layer.removeprefix('layers_')}"] = np.asarray(value)
-    return out
+        layers[side].append((int(layer.removeprefix("layers_")), np.asarray(value)))
+    return {f"{side}_router_choice_{i}": value
+            for side, found in layers.items()
+            for i, (_, value) in enumerate(sorted(found, key=lambda item: item[0]))}
 
 
 @gin.configurable

@@ -11,6 +11,7 @@ The two trees differ in a few names and in the attention kernels' layout:
     decoder/stack/final_layer_norm                    decoder/decoder_norm
     decoder/stack/...                                 decoder/...
     logits_dense/kernel                               decoder/logits_dense/kernel
+    encoder_token_embedder/embedding (not shared)     encoder/token_embedder/embedding
     .../mlp/wi_0, .../mlp/expert/wi_0, .../router/router_weights/w   the same + /kernel
 
 Every layout difference is a row-major reshape (heads and head_dim merged), so one function
@@ -36,6 +37,8 @@ def flaxformer_name(path: str) -> str:
         )
     if parts == ["logits_dense", "kernel"]:
         return "decoder/logits_dense/kernel"
+    if parts[0] in ("encoder_token_embedder", "decoder_token_embedder"):  # not shared
+        return "/".join([parts[0].removesuffix("_token_embedder"), "token_embedder", *parts[1:]])
     if parts[:2] == ["decoder", "stack"]:
         parts = ["decoder", *parts[2:]]
     stack = parts[0]

@@ -86,6 +86,10 @@ class TransformerConfig:
       scale_tied_logits: with tied logits, multiply the decoder output by 1/sqrt(d_model)
         before the embedding (T5X, Mesh TF, original T5, Switch). False for the T5 v1.1
         configs that Hugging Face transformers >= 5 writes (tied, unscaled).
+      shared_embedding: one token embedding for the encoder and the decoder (T5). False gives
+        each stack its own (`encoder_token_embedder`, `decoder_token_embedder`), as Hugging Face
+        SwitchTransformers with untied embeddings computes since transformers 5; it needs
+        untied output logits.
       kernel_init_scale: variance scale of the kernels (0.1 in T5X's MoE configs).
       dtype: activation dtype (ACTIVATION_DTYPE); parameters stay float32 and are cast.
         Output logits are always computed in float32 (T5X).
@@ -120,6 +124,7 @@ class TransformerConfig:
     relative_attention_max_distance: int = 128
     logits_via_embedding: bool = False
     scale_tied_logits: bool = True
+    shared_embedding: bool = True
     kernel_init_scale: float = 1.0
     dtype: Any = jnp.float32
     float32_attention_logits: bool = True
@@ -138,6 +143,11 @@ class TransformerConfig:
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"TransformerConfig.{name} must be >= 1, got {value}.")
+        if not self.shared_embedding and self.logits_via_embedding:
+            raise ValueError(
+                "shared_embedding=False needs logits_via_embedding=False: with two input "
+                "embeddings there is no single one to tie the output logits to."
+            )
         # Validate the layouts now, so a bad gin file fails before any tracing.
         self.encoder_layers_sparse()
         self.decoder_layers_sparse()

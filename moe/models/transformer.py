@@ -429,7 +429,11 @@ class EncoderDecoder(_Logits, nn.Module):
         cfg = self.config
         if cfg.num_encoder_layers < 1:
             raise ValueError("EncoderDecoder needs num_encoder_layers >= 1; use DecoderOnly.")
-        self.token_embedder = Embed(cfg.vocab_size, cfg.d_model, cfg.dtype)
+        if cfg.shared_embedding:
+            self.token_embedder = Embed(cfg.vocab_size, cfg.d_model, cfg.dtype)
+        else:
+            self.encoder_token_embedder = Embed(cfg.vocab_size, cfg.d_model, cfg.dtype)
+            self.decoder_token_embedder = Embed(cfg.vocab_size, cfg.d_model, cfg.dtype)
         self.encoder = TransformerStack(
             cfg, cfg.encoder_layers_sparse(), cfg.encoder_sparse, causal=False,
             cross_attention=False,
@@ -450,7 +454,9 @@ class EncoderDecoder(_Logits, nn.Module):
         )
         segments = _segments(encoder_segment_ids, encoder_input_tokens > 0)
         positions = jnp.arange(encoder_input_tokens.shape[1])
-        x = self.token_embedder(encoder_input_tokens)
+        embedder = self.token_embedder if self.config.shared_embedding else (
+            self.encoder_token_embedder)
+        x = embedder(encoder_input_tokens)
         return self.encoder(
             x, self_attention_mask(segments, causal=False), positions, positions,
             padding_mask=segments > 0, deterministic=deterministic,
@@ -490,7 +496,9 @@ class EncoderDecoder(_Logits, nn.Module):
             else decoder_target_tokens > 0
         )
         segments = _segments(decoder_segment_ids, real)
-        y = self.token_embedder(decoder_input_tokens)
+        embedder = self.token_embedder if self.config.shared_embedding else (
+            self.decoder_token_embedder)
+        y = embedder(decoder_input_tokens)
         y = self.decoder(
             y, segments, segments > 0, None, encoded, encoder_segments, deterministic, decode,
             position_mask=self._logit_mask(decoder_input_tokens),
