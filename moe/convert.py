@@ -35,20 +35,9 @@ from moe.checkpoint_errors import CheckpointError
 from moe.checkpoint_sources import flatten_params, unflatten_like
 from moe.interop import hf, t5x_checkpoint, t5x_gin
 from moe.interop.model_gin import build_model
+from moe.models.param_count import abstract_params
 
-# Any shapes build the parameters: their sizes do not depend on the sequence lengths.
-_INIT_SHAPES = {"encoder_input_tokens": (1, 8), "decoder_input_tokens": (1, 8),
-                "decoder_target_tokens": (1, 8)}
 T5X_GIN_NAMES = ("config.gin", "operative_config.gin")
-
-
-def abstract_params(model: Any) -> Any:
-    """The model's parameters as `jax.ShapeDtypeStruct`s (nothing allocated)."""
-    import flax.linen as nn
-
-    shapes = {k: v for k, v in _INIT_SHAPES.items() if k in model.module_inputs}
-    variables = jax.eval_shape(lambda: model.get_initial_variables(jax.random.key(0), shapes))
-    return nn.meta.unbox(variables["params"])
 
 
 def _write_converted(output: str, gin_text: str, params: Any, step: int) -> str:

@@ -29,7 +29,7 @@ from typing import Any
 import gin
 import jax
 
-from moe import checkpoints, data
+from moe import checkpoints, data, optimizer_transfer
 from moe import eval as moe_eval
 from moe.entry_point import run_entry_point
 from moe.metrics_writer import MetricsWriter
@@ -89,6 +89,8 @@ def train(
     initial_checkpoint_path: str | None = None,
     assignment_map: checkpoints.AssignmentMap = (),
     fallback_to_scratch: bool = False,
+    strict_restore: bool = True,
+    use_checkpoint_optimizer_state: bool = True,
     write_plots: bool = True,
     resume_step: int | None = None,
 ) -> dict[str, Any]:
@@ -96,6 +98,12 @@ def train(
 
     `resume_step` resumes from that checkpoint of MODEL_DIR instead of the latest; the later
     checkpoints are deleted, since training replaces them.
+
+    INITIAL_CHECKPOINT_PATH may be one of ours or a T5X checkpoint (see
+    `moe.checkpoint_sources`). `strict_restore`: a checkpoint parameter that no model parameter
+    takes is an error. `use_checkpoint_optimizer_state`: Adafactor's statistics come from the
+    checkpoint when they fit the model's optimizer (T5X restores them too), else the
+    optimizer starts fresh; either way a line says which (`moe.optimizer_transfer`).
     Returns `{'reason': 'done' | 'preempted', 'step': int, 'eval': last eval scalars or None}`.
     """
     checkpoints.directory_is_writable(model_dir)
@@ -133,12 +141,17 @@ def train(
         state = trainer.init_state()
         if initial_checkpoint_path:
             params, report = checkpoints.restore_params_from(
-                initial_checkpoint_path, state["params"], assignment_map, fallback_to_scratch
+                initial_checkpoint_path, state["params"], assignment_map, fallback_to_scratch,
+                strict=strict_restore,
             )
             state = trainer.state_with_params(state, params)
             fresh = sorted(k for k, v in report.items() if v == "initialized")
             print(f"Initialized from {initial_checkpoint_path}: {len(report) - len(fresh)} "
                   f"parameters restored, fresh: {fresh}", flush=True)
+            if use_checkpoint_optimizer_state:
+                state, line = optimizer_transfer.carry_over_statistics(
+                    state, initial_checkpoint_path, trainer.factor_specs)
+                print(line, flush=True)
     table = log_param_table(state["params"], trainer.logical_param_specs, trainer.param_shardings)
     logging.info("Parameters:\n%s", table)
     if jax.process_index() == 0:

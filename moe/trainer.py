@@ -86,10 +86,9 @@ class Trainer:
         boxed_params = boxed["params"]
         self.param_shardings = partitioner.get_shardings(boxed_params)
         self.logical_param_specs = nn.get_partition_spec(boxed_params)
-        self.tx = optimizer(
-            learning_rate=learning_rate,
-            factor_specs=optimizers.factor_specs_from_boxed(boxed_params),
-        )
+        # Per parameter, each axis's role in Adafactor's factoring (batch, row, column).
+        self.factor_specs = optimizers.factor_specs_from_boxed(boxed_params)
+        self.tx = optimizer(learning_rate=learning_rate, factor_specs=self.factor_specs)
         abstract = jax.eval_shape(self._init_state, jax.random.key(0))
         opt_shardings = partitioner.optimizer_state_shardings(
             abstract["opt_state"], abstract["params"], self.param_shardings

@@ -75,7 +75,7 @@ class Comment:
 
 
 @gin.configurable
-def _configured_model(model: Any = gin.REQUIRED) -> Any:
+def _model_of_gin(model: Any = gin.REQUIRED) -> Any:
     return model
 
 
@@ -97,9 +97,9 @@ def build_model(
     gin_cli.parse_gin(files, [], search_paths, finalize=False)
     if gin_text is not None:
         gin.parse_config(gin_text)
-    for binding in (*bindings, "moe.interop.model_gin._configured_model.model = %MODEL"):
+    for binding in (*bindings, "moe.interop.model_gin._model_of_gin.model = %MODEL"):
         gin.parse_config(binding)
-    return _configured_model()
+    return _model_of_gin()
 
 
 __all__ = ["Comment", "GinReference", "ModelGin", "build_model", "gin_literal"]

@@ -191,7 +191,7 @@ def is_t5x_gin(path: str) -> bool:
     try:
         with open(path) as f:
             statements = list(config_parser.ConfigParser(f, _Delegate()))
-    except (OSError, SyntaxError, ValueError):
+    except Exception:  # unreadable or malformed: gin itself reports it when parsing as ours
         return False
     include_prefixes = tuple(f"{m}/" for m in _T5X_MODULES)
     for statement in statements:

@@ -15,6 +15,7 @@ import pytest
 from moe import checkpoints, convert
 from moe.interop import t5x_gin
 from moe.interop.model_gin import build_model
+from moe.models.param_count import abstract_params
 from moe.partitioning import Partitioner
 from moe.trainer import Trainer
 from tests.interop.fixtures import T5X_TINY, require
@@ -112,6 +113,6 @@ def test_finetune_on_super_glue_then_evaluate_from_a_t5x_checkpoint(tmp_path):
 def test_translated_gin_builds_the_fixture_network():
     fixture = require(T5X_TINY)
     model = build_model(t5x_gin.translate_gin_file(str(fixture / "gin" / "model.gin")))
-    abstract = convert.abstract_params(model)
+    abstract = abstract_params(model)
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract))
     assert count == json.loads((fixture / "logits_info.json").read_text())["num_params"]

@@ -7,6 +7,7 @@ import gin
 import jax
 import pytest
 
+from moe.interop.model_gin import build_model
 from moe.models.model import DecoderOnlyModel, EncoderDecoderModel
 from moe.models.param_count import abstract_params, count_parameters
 from moe.routing import ExpertChoice, TokenChoice
@@ -18,19 +19,9 @@ ALL_MODEL_GINS = sorted(
 )
 
 
-@gin.configurable
-def _configured_model(model=gin.REQUIRED):
-    return model
-
-
 def load_model(name, bindings=()):
-    gin.clear_config()
-    gin.add_config_file_search_path(str(importlib.resources.files("gin_configs")))
-    gin.parse_config_files_and_bindings(
-        [f"models/{name}.gin"], ["_configured_model.model = %MODEL", *bindings]
-    )
     try:
-        return _configured_model()
+        return build_model(gin_files=[f"models/{name}.gin"], bindings=bindings)
     finally:
         gin.clear_config()
 
