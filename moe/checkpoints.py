@@ -39,11 +39,13 @@ from moe.checkpoint_sources import (
     DATA_ITEM,
     STATE_ITEM,
     OrbaxSource,
+    T5xSource,
     _path_str,
     flatten_params,
     open_param_source,
     resolve_state_dir,
 )
+from moe.interop import t5x_checkpoint, t5x_gin
 
 AssignmentMap = Sequence[tuple[str, str | None]]
 
@@ -168,6 +170,7 @@ def restore_params_from(
     fallback_to_scratch: bool = False,
     step: int | None = None,
     strict: bool = True,
+    model_config: Any = None,
 ) -> tuple[Any, dict[str, str]]:
     """Fill `init_params` (a tree of initialized arrays) from the checkpoint at `path`, one of
     ours or a T5X one (see `moe.checkpoint_sources`).
@@ -180,9 +183,19 @@ def restore_params_from(
     (then it keeps its initialization). A source of shape `S` fills a target of shape
     `(E, *S)` by copying it into each of the E experts (sparse upcycling). With `strict`, a
     checkpoint parameter that no target takes is an error too: the model would silently be a
-    different network (fewer layers, tied instead of separate logits, ...).
+    different network (fewer layers, tied instead of separate logits, ...). With
+    `model_config` (the model's TransformerConfig), a T5X checkpoint that has its config.gin
+    beside it is also checked against it for what shapes cannot show (heads x head_dim, top-k,
+    activation, ...).
     """
     source = open_param_source(path, step)
+    if model_config is not None and isinstance(source, T5xSource):
+        gin_path = t5x_checkpoint.gin_written_with(source.checkpoint.step_dir)
+        if gin_path is not None:
+            try:
+                t5x_gin.check_config_against_checkpoint_gin(model_config, gin_path)
+            except t5x_gin.T5xGinError as e:
+                raise CheckpointError(str(e)) from e
     targets = flatten_params(init_params)
 
     plan: dict[str, tuple[str, tuple[int, ...]] | None] = {}

@@ -37,8 +37,6 @@ from moe.interop import hf, t5x_checkpoint, t5x_gin
 from moe.interop.model_gin import build_model
 from moe.models.param_count import abstract_params
 
-T5X_GIN_NAMES = ("config.gin", "operative_config.gin")
-
 
 def _write_converted(output: str, gin_text: str, params: Any, step: int) -> str:
     """`output/model.gin` then `output/checkpoints/<step>` (each complete or absent)."""
@@ -54,16 +52,6 @@ def _write_converted(output: str, gin_text: str, params: Any, step: int) -> str:
     return directory
 
 
-def find_t5x_gin(step_dir: Any) -> str | None:
-    """The gin T5X wrote for a checkpoint: config.gin / operative_config.gin in the step
-    directory or its model directory."""
-    for folder in (step_dir, step_dir.parent):
-        for name in T5X_GIN_NAMES:
-            if (folder / name).is_file():
-                return str(folder / name)
-    return None
-
-
 def from_t5x(checkpoint: str, output: str, gin_file: str | None = None,
              search_paths: Sequence[str] = (), step: int | None = None) -> str:
     """Convert a T5X checkpoint (either format) and its model gin into ours."""
@@ -73,7 +61,7 @@ def from_t5x(checkpoint: str, output: str, gin_file: str | None = None,
             f"No T5X checkpoint at {checkpoint!r}: expected checkpoint_<N>/ holding a legacy "
             "'checkpoint' file or an Orbax 'state/', or the model directory holding them."
         )
-    gin_file = gin_file or find_t5x_gin(step_dir)
+    gin_file = gin_file or t5x_checkpoint.gin_written_with(step_dir)
     if gin_file is None:
         raise CheckpointError(
             f"{step_dir} has no config.gin or operative_config.gin next to it; pass the model "

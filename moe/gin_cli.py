@@ -151,7 +151,7 @@ def parse_gin(
     logging.getLogger().addFilter(quiet)
     try:
         for path in files:
-            if t5x_gin.is_t5x_gin(path):
+            if t5x_gin.is_t5x_gin(path, search_paths):
                 _parse_t5x_gin(path, search_paths)
                 continue
             try:

@@ -85,7 +85,8 @@ def load_params(model: Any, checkpoint_path: str, cfg: data.DatasetConfig,
     shapes = {name: (cfg.batch_size, length) for name, length in lengths.items()}
     trainer = Trainer(model=model, partitioner=partitioner, input_shapes=shapes)
     params, _ = checkpoints.restore_params_from(
-        checkpoint_path, trainer.abstract_state["params"], step=step
+        checkpoint_path, trainer.abstract_state["params"], step=step,
+        model_config=getattr(model.module, "config", None),
     )
     return params
 

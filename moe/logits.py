@@ -99,7 +99,8 @@ def compute_logits(
     partitioner = Partitioner(1, 1)
     trainer = Trainer(model=model, partitioner=partitioner, input_shapes=shapes)
     params, _ = checkpoints.restore_params_from(
-        checkpoint_path, trainer.abstract_state["params"], step=checkpoint_step
+        checkpoint_path, trainer.abstract_state["params"], step=checkpoint_step,
+        model_config=model.module.config,
     )
 
     def run(params, batch):

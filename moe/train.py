@@ -142,7 +142,7 @@ def train(
         if initial_checkpoint_path:
             params, report = checkpoints.restore_params_from(
                 initial_checkpoint_path, state["params"], assignment_map, fallback_to_scratch,
-                strict=strict_restore,
+                strict=strict_restore, model_config=getattr(model.module, "config", None),
             )
             state = trainer.state_with_params(state, params)
             fresh = sorted(k for k, v in report.items() if v == "initialized")

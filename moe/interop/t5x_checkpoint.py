@@ -27,6 +27,7 @@ from etils import epath
 from moe.checkpoint_errors import CheckpointError
 
 LEGACY_FILE = "checkpoint"
+GIN_FILES = ("config.gin", "operative_config.gin")  # what T5X writes into its model dir
 _STEP_DIR = re.compile(r"checkpoint_(\d+)$")
 
 
@@ -84,6 +85,16 @@ def find_step_dir(path: str | epath.Path, step: int | None = None) -> epath.Path
     if step not in steps:
         raise CheckpointError(f"No checkpoint_{step} under {root}; available: {sorted(steps)}.")
     return steps[step]
+
+
+def gin_written_with(step_dir: epath.Path) -> str | None:
+    """The gin T5X wrote for a checkpoint (config.gin / operative_config.gin in the step
+    directory or its model directory), or None."""
+    for folder in (step_dir, step_dir.parent):
+        for name in GIN_FILES:
+            if (folder / name).is_file():
+                return str(folder / name)
+    return None
 
 
 def _kvstore_for(relative: str, step_dir: epath.Path) -> dict[str, Any]:
@@ -225,4 +236,4 @@ def _strip(shapes: dict[str, Any], prefix: str) -> dict[str, Any]:
     return {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
 
 
-__all__ = ["T5xCheckpoint", "find_step_dir", "is_step_dir"]
+__all__ = ["T5xCheckpoint", "find_step_dir", "gin_written_with", "is_step_dir"]

@@ -185,9 +185,9 @@ _T5X_CONFIGURABLES = frozenset({
 })
 
 
-def is_t5x_gin(path: str) -> bool:
-    """Whether a gin file is written for T5X/flaxformer rather than for us: it imports or
-    includes their modules' gins, or configures their classes."""
+def is_t5x_gin(path: str, search_paths: Sequence[str] = (), _depth: int = 0) -> bool:
+    """Whether a gin file is written for T5X/flaxformer rather than for us: it (or a file it
+    includes) imports their modules, includes their gins, or configures their classes."""
     try:
         with open(path) as f:
             statements = list(config_parser.ConfigParser(f, _Delegate()))
@@ -199,6 +199,12 @@ def is_t5x_gin(path: str) -> bool:
             found = statement.module.startswith(_T5X_MODULES)
         elif isinstance(statement, config_parser.IncludeStatement):
             found = statement.filename.startswith(include_prefixes)
+            if not found and _depth < 8:
+                try:
+                    included = _resolve_include(statement.filename, path, search_paths)
+                except T5xGinError:
+                    continue
+                found = is_t5x_gin(included, search_paths, _depth + 1)
         else:
             found = statement.selector.rpartition(".")[2] in _T5X_CONFIGURABLES
         if found:
@@ -451,4 +457,68 @@ def translate_gin_file(path: str, search_paths: Sequence[str] = ()) -> str:
     return to_model_gin(T5xGin.read(path, search_paths), path).render()
 
 
-__all__ = ["T5xGin", "T5xGinError", "is_t5x_gin", "to_model_gin", "translate_gin_file"]
+
+
+# Our config fields that the translated macros and bindings set, and that a checkpoint's
+# shapes cannot tell apart (heads x head_dim, top-k, activation, ...): compared by
+# `config_mismatches`.
+_CHECKED_MACROS = {
+    "NUM_ENCODER_LAYERS": lambda c: c.num_encoder_layers,
+    "NUM_DECODER_LAYERS": lambda c: c.num_decoder_layers,
+    "NUM_HEADS": lambda c: c.num_heads,
+    "HEAD_DIM": lambda c: c.head_dim,
+    "EMBED_DIM": lambda c: c.d_model,
+    "MLP_DIM": lambda c: c.d_ff,
+    "NUM_EMBEDDINGS": lambda c: c.vocab_size,
+    "NUM_ENCODER_SPARSE_LAYERS": lambda c: c.encoder_sparse.num_sparse_layers,
+    "NUM_DECODER_SPARSE_LAYERS": lambda c: c.decoder_sparse.num_sparse_layers,
+}
+_CHECKED_BINDINGS = {
+    "TransformerConfig.activation": lambda c: c.activation,
+    "TransformerConfig.logits_via_embedding": lambda c: c.logits_via_embedding,
+}
+
+
+def config_mismatches(model_gin: ModelGin, config: Any) -> list[str]:
+    """Where a model's `TransformerConfig` differs from a translated T5X gin's network."""
+    problems = []
+    expected = {**model_gin.macros, **{k: v[0] if isinstance(v, tuple) and len(v) == 2 and
+                                       isinstance(v[1], Comment) else v
+                                       for k, v in model_gin.bindings.items()}}
+    checks = {**_CHECKED_MACROS, **_CHECKED_BINDINGS}
+    sparse = model_gin.macros.get("NUM_ENCODER_SPARSE_LAYERS") or model_gin.macros.get(
+        "NUM_DECODER_SPARSE_LAYERS")
+    if sparse:
+        checks["NUM_EXPERTS"] = lambda c: (c.encoder_sparse if c.encoder_sparse.num_sparse_layers
+                                           else c.decoder_sparse).num_experts
+        if "NUM_SELECTED_EXPERTS" in expected:
+            checks["NUM_SELECTED_EXPERTS"] = lambda c: getattr(
+                (c.encoder_sparse if c.encoder_sparse.num_sparse_layers
+                 else c.decoder_sparse).router, "num_selected_experts", None)
+    for name, read in checks.items():
+        if name in expected and read(config) != expected[name]:
+            problems.append(f"{name} is {read(config)!r} here, {expected[name]!r} there")
+    return problems
+
+
+def check_config_against_checkpoint_gin(config: Any, gin_path: str) -> None:
+    """Raise `T5xGinError` naming every architecture setting in which `config` differs from
+    the network of the T5X gin written with a checkpoint (its config.gin)."""
+    problems = config_mismatches(to_model_gin(T5xGin.read(gin_path), gin_path), config)
+    if problems:
+        raise T5xGinError(
+            f"The model gin does not describe the network of the T5X checkpoint, whose gin "
+            f"{gin_path} says: " + "; ".join(problems) + f". Pass --gin_file={gin_path} (it is "
+            "translated to our model gin), or fix these macros."
+        )
+
+
+__all__ = [
+    "T5xGin",
+    "T5xGinError",
+    "check_config_against_checkpoint_gin",
+    "config_mismatches",
+    "is_t5x_gin",
+    "to_model_gin",
+    "translate_gin_file",
+]

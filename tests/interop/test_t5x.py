@@ -179,3 +179,23 @@ def test_a_directory_without_checkpoint_is_a_clear_error(tmp_path, capsys):
     empty.mkdir()
     code, err, _ = _logits(tmp_path, capsys, empty)
     assert code == 2 and "No checkpoint found" in err and "checkpoint_<N>" in err
+
+
+def test_a_gin_whose_shapes_fit_but_whose_network_differs_is_refused(tmp_path, capsys):
+    """12 heads of 32 have the kernels of 6 heads of 64: only the checkpoint's config.gin can
+    tell. A T5X model directory carries one; the mismatch is named."""
+    import shutil
+
+    fixture = require(T5X_TINY)
+    model_dir = tmp_path / "t5x_model"
+    shutil.copytree(fixture / "legacy" / "checkpoint_30", model_dir / "checkpoint_30")
+    (model_dir / "config.gin").write_text(f"include '{fixture / 'gin' / 'model.gin'}'\n")
+    code, err, _ = _logits(tmp_path, capsys, model_dir, "--gin.NUM_HEADS=12", "--gin.HEAD_DIM=32",
+                           gin_file="models/tokens_choose_tiny.gin")
+    assert code == 2
+    assert "NUM_HEADS is 12 here, 6 there" in err and "HEAD_DIM is 32 here, 64 there" in err
+    assert f"--gin_file={model_dir / 'config.gin'}" in err
+    # The checkpoint's own gin passes the check (and gives flaxformer's logits).
+    code, err, out = _logits(tmp_path, capsys, model_dir, gin_file=str(model_dir / "config.gin"))
+    assert code == 0, err
+    np.testing.assert_array_equal(out["logits"], np.load(fixture / "logits.npz")["logits"])
