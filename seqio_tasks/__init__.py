@@ -1,20 +1,25 @@
 """SeqIO tasks of the project; importing the package registers them.
 
 `import seqio_tasks` registers GLUE and SuperGLUE under the `t5` package's names and the
-pretraining tasks (`pydoc_topics_*`, `c4_en_*`). BIG-bench tasks are registered here only when
-a BIG-bench folder is configured (`MOE_BIGBENCH_DIR` or `seqio_tasks.config.data_paths`) and
-exists; otherwise call `seqio_tasks.bigbench.register_bigbench_tasks(path)` (no path: the
-installed `bigbench` package). Registration reads no GLUE/SuperGLUE/pretraining data: their
-sources open files when a dataset is built.
+pretraining tasks (`pydoc_topics_*`, `c4_en_*`), with the vocabulary `MOE_VOCABULARY` names
+('byte' by default, 't5', or a SentencePiece `.model` path). BIG-bench tasks are registered
+here only when a BIG-bench folder is configured (`MOE_BIGBENCH_DIR` or
+`seqio_tasks.config.data_paths`) and exists; otherwise call
+`seqio_tasks.bigbench.register_bigbench_tasks(path)` (no path: the installed `bigbench`
+package). Registration reads no GLUE/SuperGLUE/pretraining data: their sources open files when
+a dataset is built.
 """
 
 import os
 
 from seqio_tasks import bigbench, config, glue, pretraining, super_glue, vocabularies
 
-glue.register_glue_tasks()
-super_glue.register_super_glue_tasks()
-pretraining.register_default_pretraining_tasks()
+# MOE_VOCABULARY picks the vocabulary (byte by default): a published T5X or Hugging Face
+# checkpoint is fine-tuned with the SentencePiece model it was trained with.
+_vocabulary = config.task_vocabulary()
+glue.register_glue_tasks(_vocabulary)
+super_glue.register_super_glue_tasks(_vocabulary)
+pretraining.register_default_pretraining_tasks(_vocabulary)
 
 _bigbench_dir = config.data_paths().bigbench_dir
 if _bigbench_dir and os.path.isdir(_bigbench_dir):

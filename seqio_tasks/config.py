@@ -22,6 +22,15 @@ ENV_GLUE_DIR = "MOE_GLUE_DIR"
 ENV_SUPER_GLUE_DIR = "MOE_SUPER_GLUE_DIR"
 ENV_TFDS_DATA_DIR = "TFDS_DATA_DIR"
 ENV_BIGBENCH_DIR = "MOE_BIGBENCH_DIR"
+# The vocabulary `import seqio_tasks` registers GLUE, SuperGLUE and pretraining tasks with:
+# 'byte' (default, offline), 't5' (T5's SentencePiece model on gs://, which the published
+# T5.1.1 and Switch checkpoints were trained with) or the path of a SentencePiece .model file.
+ENV_VOCABULARY = "MOE_VOCABULARY"
+
+
+def task_vocabulary() -> str:
+    """The vocabulary tasks are registered with at import (`MOE_VOCABULARY`, else 'byte')."""
+    return os.environ.get(ENV_VOCABULARY) or "byte"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,3 +37,24 @@ def test_t5_vocabulary_is_the_gcs_model_with_100_extra_ids():
     vocab = vocabularies.get_vocabulary("t5")  # Constructed lazily: no network here.
     assert vocab.sentencepiece_model_file == vocabularies.T5_SENTENCEPIECE_PATH
     assert vocab.extra_ids == 100
+
+
+def test_moe_vocabulary_registers_every_task_with_that_vocabulary(tmp_path):
+    """What fine-tuning a published checkpoint needs: its SentencePiece model for the tasks."""
+    import os
+    import subprocess
+    import sys
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(pretraining.pydoc_topics_documents("train")[:20]))
+    prefix = str(tmp_path / "spm")
+    train_sentencepiece.main([f"--input={corpus}", f"--model_prefix={prefix}", "--vocab_size=300"])
+    probe = ("import seqio, seqio_tasks\n"
+             "for name in ('super_glue_boolq_v102', 'glue_cola_v002', "
+             "'pydoc_topics_span_corruption'):\n"
+             "    vocab = seqio.get_mixture_or_task(name).output_features['inputs'].vocabulary\n"
+             "    print(name, type(vocab).__name__, vocab.vocab_size)\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env={**os.environ, "MOE_VOCABULARY": prefix + ".model"}, check=True)
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 3 and all("SentencePieceVocabulary 400" in line for line in lines), out
