@@ -21,12 +21,12 @@ from typing import Any, Protocol
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from etils import epath
 
 from moe.checkpoint_errors import CheckpointError
 from moe.interop import t5x_checkpoint
 from moe.interop.flaxformer_names import flaxformer_name, flaxformer_shape
+from moe.orbax_arrays import metadata_tree, read_host_arrays
 
 STATE_ITEM, DATA_ITEM = "state", "data"
 
@@ -101,12 +101,6 @@ def resolve_state_dir(path: str, step: int | None = None) -> epath.Path:
     )
 
 
-def _metadata_tree(state_dir: epath.Path) -> Any:
-    metadata = ocp.PyTreeCheckpointer().metadata(state_dir)
-    tree = getattr(metadata, "item_metadata", metadata)
-    return getattr(tree, "tree", tree)
-
-
 @dataclasses.dataclass
 class OrbaxSource:
     """One of our checkpoints (`{'step', 'params', 'opt_state'}` written by `Checkpointer`)."""
@@ -117,14 +111,13 @@ class OrbaxSource:
 
     @classmethod
     def open(cls, state_dir: epath.Path) -> OrbaxSource:
-        tree = _metadata_tree(state_dir)
+        tree = metadata_tree(state_dir)
         if "params" not in tree:
             raise CheckpointError(f"Checkpoint {state_dir} holds no 'params'; keys: {list(tree)}.")
         shapes = {k: (tuple(m.shape), m.dtype) for k, m in flatten_params(tree["params"]).items()}
         source = cls(state_dir, shapes, 0)
         if "step" in tree:
-            item = {"step": np.zeros((), np.int32)}
-            source.step = int(_restore_numpy(state_dir, item)["step"])
+            source.step = int(read_host_arrays(state_dir, {"step": ((), np.int32)})["step"])
         return source
 
     @property
@@ -145,26 +138,9 @@ class OrbaxSource:
         return sorted(set(self.shapes) - set(used))
 
     def read(self, names: list[str]) -> dict[str, np.ndarray]:
-        if not names:
-            return {}
-        item: dict = {}
-        for name in names:
-            node = item.setdefault("params", {})
-            *parents, last = name.split("/")
-            for p in parents:
-                node = node.setdefault(p, {})
-            shape, dtype = self.shapes[name]
-            node[last] = np.zeros(shape, dtype)  # numpy leaves restore as numpy (host) arrays
-        flat = flatten_params(_restore_numpy(self.state_dir, item)["params"])
-        return {name: np.asarray(flat[name]) for name in names}
-
-
-def _restore_numpy(state_dir: epath.Path, item: dict) -> dict:
-    restore_args = jax.tree.map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray), item)
-    return ocp.PyTreeCheckpointer().restore(
-        state_dir,
-        args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
-    )
+        arrays = read_host_arrays(self.state_dir,
+                                  {f"params/{name}": self.shapes[name] for name in names})
+        return {name: arrays[f"params/{name}"] for name in names}
 
 
 @dataclasses.dataclass

@@ -33,13 +33,12 @@ from moe import optimizers
 from moe.checkpoint_sources import (
     OrbaxSource,
     T5xSource,
-    _metadata_tree,
-    _restore_numpy,
     flatten_params,
     open_param_source,
     unflatten_like,
 )
 from moe.interop.flaxformer_names import flaxformer_name, flaxformer_shape
+from moe.orbax_arrays import metadata_tree, restore_host_tree
 
 STATISTICS = ("v_row", "v_col", "v")
 
@@ -75,7 +74,7 @@ def _get(tree: Any, path: tuple) -> Any:
 
 def _ours(source: OrbaxSource, wanted: dict[str, dict[str, tuple]]) -> tuple[dict, int]:
     """Statistics of one of our checkpoints (same names and layouts as this run's)."""
-    tree = _metadata_tree(source.state_dir)
+    tree = metadata_tree(source.state_dir)
     flat = flatten_params(tree.get("opt_state", {}))
     prefixes = {k.rsplit("/", 1)[0] for k in flat if k.endswith("/count")}
     prefixes = [p for p in prefixes if any(k.startswith(f"{p}/v_row/") for k in flat)]
@@ -92,7 +91,7 @@ def _ours(source: OrbaxSource, wanted: dict[str, dict[str, tuple]]) -> tuple[dic
                              f"{wanted[name][stat]} here (factored differently)")
     # The stored containers (lists for optax's chain tuples) shape the restore target.
     template = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree["opt_state"])
-    restored = flatten_params(_restore_numpy(source.state_dir, {"opt_state": template})
+    restored = flatten_params(restore_host_tree(source.state_dir, {"opt_state": template})
                               ["opt_state"])
     stats = {name: {stat: np.asarray(restored[f"{prefix}/{stat}/{name}"]) for stat in stats}
              for name, stats in wanted.items()}

@@ -20,11 +20,11 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import jax
 import numpy as np
 from etils import epath
 
 from moe.checkpoint_errors import CheckpointError
+from moe.orbax_arrays import metadata_tree, read_host_arrays
 
 LEGACY_FILE = "checkpoint"
 GIN_FILES = ("config.gin", "operative_config.gin")  # what T5X writes into its model dir
@@ -157,11 +157,7 @@ class T5xCheckpoint:
 
     @classmethod
     def _open_orbax(cls, step_dir: epath.Path) -> T5xCheckpoint:
-        import orbax.checkpoint as ocp
-
-        metadata = ocp.PyTreeCheckpointer().metadata(step_dir / "state")
-        tree = getattr(metadata, "item_metadata", metadata)
-        tree = getattr(tree, "tree", tree)
+        tree = metadata_tree(step_dir / "state")
         shapes = {
             k: (tuple(m.shape), np.dtype(m.dtype)) for k, m in _flatten_metadata(tree).items()
         }
@@ -202,24 +198,7 @@ class T5xCheckpoint:
 
     @staticmethod
     def _read_orbax(step_dir: epath.Path, keys: list[str], shapes) -> dict[str, np.ndarray]:
-        import orbax.checkpoint as ocp
-
-        item: dict = {}
-        for key in keys:
-            node = item
-            *parents, last = key.split("/")
-            for p in parents:
-                node = node.setdefault(p, {})
-            shape, dtype = shapes[key]
-            node[last] = np.zeros(shape, dtype)
-        restore_args = jax.tree.map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray), item)
-        restored = ocp.PyTreeCheckpointer().restore(
-            step_dir / "state",
-            args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                        partial_restore=True),
-        )
-        flat = _flatten(restored)
-        return {k: np.asarray(flat[k]) for k in keys}
+        return read_host_arrays(step_dir / "state", {k: shapes[k] for k in keys})
 
 
 def _flatten_metadata(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -10,6 +10,7 @@ import flax
 import jax
 import numpy as np
 import pytest
+from flax import traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -38,14 +39,7 @@ T5_KEYS = ("feed_forward_proj", "is_gated_act", "scale_decoder_outputs")
 
 def _nest(flat):
     """A nested params dict from `{'a/b': leaf}`."""
-    tree = {}
-    for name, leaf in flat.items():
-        *parents, last = name.split("/")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = leaf
-    return tree
+    return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def _hf_tensors(model_dir):

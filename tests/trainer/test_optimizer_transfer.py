@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from flax import traverse_util
 
 from moe import checkpoints, optimizer_transfer, optimizers
 from moe.checkpoint_sources import flatten_params
@@ -111,16 +112,7 @@ def test_t5x_statistics_land_on_the_axes_they_average(tmp_path):
                             "v_col": _mean_keeping(squares[name], kept_col),
                             "v": np.zeros((1,), np.float32), "m": np.zeros((1,), np.float32)}
 
-    def nest(flat):
-        tree = {}
-        for key, value in flat.items():
-            node = tree
-            *parents, last = key.split("/")
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[last] = value
-        return tree
-
+    nest = functools.partial(traverse_util.unflatten_dict, sep="/")
     train_state = {"target": nest(target),
                    "state": {"step": np.asarray(7, np.int32), "param_states": nest(param_states)}}
     step_dir = tmp_path / "t5x_model" / "checkpoint_7"
