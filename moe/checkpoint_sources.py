@@ -69,9 +69,10 @@ class ParamSource(Protocol):
         ...
 
 
-def _absolute(path: str | epath.Path) -> epath.Path:
+def absolute_path(path: str | epath.Path) -> epath.Path:
+    """`path` made absolute (Orbax needs that), leaving URLs such as gs://... as they are."""
     path = str(path)
-    return epath.Path(path if "://" in path else os.path.abspath(path))  # Orbax: absolute
+    return epath.Path(path if "://" in path else os.path.abspath(path))
 
 
 def resolve_state_dir(path: str, step: int | None = None) -> epath.Path:
@@ -80,7 +81,7 @@ def resolve_state_dir(path: str, step: int | None = None) -> epath.Path:
     Accepts `MODEL_DIR/checkpoints` (latest or `step`), `MODEL_DIR/checkpoints/<step>`, or
     `MODEL_DIR` itself (its `checkpoints/` folder).
     """
-    root = _absolute(path)
+    root = absolute_path(path)
     if (root / STATE_ITEM).is_dir():
         return root / STATE_ITEM
     for base in (root, root / "checkpoints"):
@@ -177,7 +178,7 @@ class T5xSource:
 
 def open_param_source(path: str, step: int | None = None) -> ParamSource:
     """The checkpoint at `path` (ours or T5X, detected) as a source of our parameters."""
-    t5x_dir = t5x_checkpoint.find_step_dir(_absolute(path), step)
+    t5x_dir = t5x_checkpoint.find_step_dir(absolute_path(path), step)
     if t5x_dir is not None:
         return T5xSource(t5x_checkpoint.T5xCheckpoint.open(t5x_dir))
     return OrbaxSource.open(resolve_state_dir(path, step))
@@ -188,6 +189,7 @@ __all__ = [
     "OrbaxSource",
     "ParamSource",
     "T5xSource",
+    "absolute_path",
     "flatten_params",
     "open_param_source",
     "resolve_state_dir",

@@ -41,6 +41,7 @@ from moe.checkpoint_sources import (
     OrbaxSource,
     T5xSource,
     _path_str,
+    absolute_path,
     flatten_params,
     open_param_source,
     resolve_state_dir,
@@ -68,7 +69,7 @@ class Checkpointer:
         keep: int | None = None,
         async_save: bool = True,
     ):
-        self.directory = epath.Path(os.path.abspath(directory))  # Orbax needs absolute paths
+        self.directory = absolute_path(directory)
         self.period = period
         self._manager = ocp.CheckpointManager(
             self.directory,
@@ -277,14 +278,14 @@ def save_params(model_dir: str, params: Any, step: int = 0) -> str:
     converted checkpoint: state `{'step', 'params'}`, no optimizer state), usable as
     INITIAL_CHECKPOINT_PATH or CHECKPOINT_PATH. Complete or absent: Orbax renames the step
     into place only when it is fully written. Returns the checkpoint directory."""
-    directory = os.path.join(os.path.abspath(model_dir), "checkpoints")
+    directory = str(absolute_path(model_dir) / "checkpoints")
     checkpointer = Checkpointer(directory, period=1, async_save=False)
     try:
         checkpointer.save(step, {"step": np.asarray(step, np.int32), "params": params}, {},
                           force=True)
     finally:
         checkpointer.close()
-    return os.path.join(directory, str(step))
+    return str(absolute_path(directory) / str(step))
 
 
 def directory_is_writable(path: str) -> None:

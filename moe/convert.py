@@ -32,7 +32,7 @@ import numpy as np
 
 from moe import checkpoints, gin_cli
 from moe.checkpoint_errors import CheckpointError
-from moe.checkpoint_sources import flatten_params, unflatten_like
+from moe.checkpoint_sources import absolute_path, flatten_params, unflatten_like
 from moe.interop import hf, t5x_checkpoint, t5x_gin
 from moe.interop.model_gin import build_model
 from moe.models.param_count import abstract_params
@@ -55,7 +55,7 @@ def _write_converted(output: str, gin_text: str, params: Any, step: int) -> str:
 def from_t5x(checkpoint: str, output: str, gin_file: str | None = None,
              search_paths: Sequence[str] = (), step: int | None = None) -> str:
     """Convert a T5X checkpoint (either format) and its model gin into ours."""
-    step_dir = t5x_checkpoint.find_step_dir(os.path.abspath(checkpoint), step)
+    step_dir = t5x_checkpoint.find_step_dir(absolute_path(checkpoint), step)
     if step_dir is None:
         raise CheckpointError(
             f"No T5X checkpoint at {checkpoint!r}: expected checkpoint_<N>/ holding a legacy "

@@ -171,3 +171,13 @@ def test_missing_checkpoint_and_unwritable_dir(tmp_path):
     blocker.write_text("x")
     with pytest.raises(checkpoints.CheckpointError, match="not writable"):
         checkpoints.directory_is_writable(str(blocker / "sub"))
+
+
+def test_checkpoint_paths_are_made_absolute_but_urls_stay_urls(tmp_path, monkeypatch):
+    """Orbax needs absolute paths; a gs:// MODEL_DIR or checkpoint must reach TensorStore as the
+    URL it is (os.path.abspath would turn it into a local folder named 'gs:')."""
+    from moe.checkpoint_sources import absolute_path
+
+    monkeypatch.chdir(tmp_path)
+    assert str(absolute_path("gs://bucket/run/checkpoints")) == "gs://bucket/run/checkpoints"
+    assert str(absolute_path("run")) == str(tmp_path / "run")
