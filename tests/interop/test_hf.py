@@ -219,6 +219,43 @@ def test_untied_t5_checkpoint_keeps_its_lm_head(tmp_path):
         hf.read_hf_params(model_dir, tied)
 
 
+def test_original_relu_t5_imports_and_round_trips(tmp_path):
+    """Original T5: relu MLP (`DenseReluDense.wi`, `.wo`), tied and scaled logits."""
+    source = require(HF_T5_V1_1_TINY)
+
+    def relu(config):
+        config.update(feed_forward_proj="relu", dense_act_fn="relu", is_gated_act=False,
+                      scale_decoder_outputs=True)
+
+    def one_input_projection(tensors):
+        for key in [k for k in tensors if k.endswith("DenseReluDense.wi_0.weight")]:
+            tensors[key.replace("wi_0", "wi")] = tensors.pop(key)
+            del tensors[key.replace("wi_0", "wi_1")]
+
+    model_dir = _copy_fixture(source, tmp_path / "relu", relu, one_input_projection)
+    gin = hf.hf_model_gin(hf.read_hf_config(model_dir), str(model_dir)).render()
+    assert "TransformerConfig.activation = 'relu'" in gin
+    assert "TransformerConfig.scale_tied_logits = True" in gin
+    model = build_model(gin)
+    params = hf.read_hf_params(model_dir, model.module.config)
+    assert "encoder/layers_0/mlp/wi" in params and "encoder/layers_0/mlp/wi_0" not in params
+    hf_config, tensors = hf.hf_export(model.module.config, params)
+    original = _hf_tensors(model_dir)
+    assert sorted(tensors) == sorted(original)
+    for key, value in original.items():
+        np.testing.assert_array_equal(tensors[key], value)
+    assert (hf_config["feed_forward_proj"], hf_config["scale_decoder_outputs"]) == ("relu", True)
+    # Our forward pass: relu MLPs and the d_model**-0.5 scale before the tied embedding.
+    ref = np.load(source / "reference.npz")
+    batch = {k: ref[k] for k in ("encoder_input_tokens", "decoder_input_tokens",
+                                 "decoder_target_tokens")}
+    logits = np.asarray(jax.jit(lambda p: model.compute_logits(p, batch)[0])(_nest(params)))
+    unscaled = build_model(gin.replace("TransformerConfig.scale_tied_logits = True",
+                                       "TransformerConfig.scale_tied_logits = False"))
+    raw = np.asarray(jax.jit(lambda p: unscaled.compute_logits(p, batch)[0])(_nest(params)))
+    np.testing.assert_allclose(logits, raw / np.sqrt(64.0), rtol=1e-5, atol=1e-5)
+
+
 def _untie_switch(config):
     config["tie_word_embeddings"] = False
 
