@@ -194,6 +194,18 @@ def _copy_fixture(source, target, edit_config=None, edit_tensors=None):
     return target
 
 
+def _import_untied(source, tmp_path, untie, lm_head):
+    """A fixture copy with untied output logits (`lm_head`), imported and exported again:
+    (model_dir, config, params, hf_config, tensors)."""
+    model_dir = _copy_fixture(source, tmp_path / "untied", untie,
+                              lambda t: t.update({"lm_head.weight": lm_head}))
+    gin = hf.hf_model_gin(hf.read_hf_config(model_dir), str(model_dir)).render()
+    assert "TransformerConfig.logits_via_embedding = False" in gin
+    config = build_model(gin).module.config
+    params = hf.read_hf_params(model_dir, config)
+    return (model_dir, config, params, *hf.hf_export(config, params))
+
+
 def test_untied_t5_checkpoint_keeps_its_lm_head(tmp_path):
     # The hub's T5 v1.1 layout: tie_word_embeddings false, a separate lm_head.weight.
     source = require(HF_T5_V1_1_TINY)
@@ -203,14 +215,9 @@ def test_untied_t5_checkpoint_keeps_its_lm_head(tmp_path):
         config["tie_word_embeddings"] = False
         del config["scale_decoder_outputs"]
 
-    model_dir = _copy_fixture(source, tmp_path / "untied", untie,
-                              lambda t: t.update({"lm_head.weight": lm_head}))
-    gin = hf.hf_model_gin(hf.read_hf_config(model_dir), str(model_dir)).render()
-    assert "TransformerConfig.logits_via_embedding = False" in gin
-    config = build_model(gin).module.config
-    params = hf.read_hf_params(model_dir, config)
+    model_dir, config, params, hf_config, tensors = _import_untied(source, tmp_path, untie,
+                                                                   lm_head)
     np.testing.assert_array_equal(params["logits_dense/kernel"], lm_head.T)
-    hf_config, tensors = hf.hf_export(config, params)
     np.testing.assert_array_equal(tensors["lm_head.weight"], lm_head)
     assert (hf_config["tie_word_embeddings"], hf_config["scale_decoder_outputs"]) == (False, False)
     # The same file read into a tied model is refused rather than silently dropping lm_head.
@@ -266,13 +273,7 @@ def test_untied_switch_exports_each_stacks_embedding(tmp_path):
     # writes them, or transformers 5 would initialize them randomly.
     source = require(HF_SWITCH_TINY)
     lm_head = np.random.default_rng(1).normal(size=(384, 64)).astype(np.float32)
-    model_dir = _copy_fixture(source, tmp_path / "untied", _untie_switch,
-                              lambda t: t.update({"lm_head.weight": lm_head}))
-    gin = hf.hf_model_gin(hf.read_hf_config(model_dir), str(model_dir)).render()
-    assert "TransformerConfig.logits_via_embedding = False" in gin
-    config = build_model(gin).module.config
-    params = hf.read_hf_params(model_dir, config)
-    hf_config, tensors = hf.hf_export(config, params)
+    _, _, _, hf_config, tensors = _import_untied(source, tmp_path, _untie_switch, lm_head)
     assert hf_config["tie_word_embeddings"] is False
     np.testing.assert_array_equal(tensors["lm_head.weight"], lm_head)
     for side in ("encoder", "decoder"):
