@@ -13,13 +13,6 @@ from moe import convert
 from tests.interop.fixtures import HF_SWITCH_TINY, HF_T5_V1_1_TINY, T5X_TINY, require
 
 
-@pytest.fixture(autouse=True)
-def _clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
-
-
 @pytest.mark.parametrize("fixture", [HF_SWITCH_TINY, HF_T5_V1_1_TINY], ids=["switch", "t5"])
 def test_from_hf_then_to_hf_gives_back_the_fixture(fixture, tmp_path, capsys):
     source = require(fixture)

@@ -16,13 +16,6 @@ from tests.interop.fixtures import T5X_TINY, require
 FORMATS = {"orbax": "checkpoint_30", "legacy": "legacy/checkpoint_30"}
 
 
-@pytest.fixture(autouse=True)
-def _clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
-
-
 def _logits(tmp_path, capsys, checkpoint, *extra, gin_file=None):
     fixture = require(T5X_TINY)
     out = tmp_path / "out.npz"

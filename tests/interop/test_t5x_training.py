@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 
-import gin
 import jax
 import numpy as np
 import pytest
@@ -23,13 +22,6 @@ from tests.interop.fixtures import T5X_TINY, require
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SUPER_GLUE = os.path.join(ROOT, "tests", "seqio_tasks", "fixtures", "super_glue")
 FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens")
-
-
-@pytest.fixture(autouse=True)
-def _clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
 
 
 def test_converted_checkpoint_restores_onto_a_data2_expert4_mesh(tmp_path):

@@ -27,13 +27,6 @@ ROUTERS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
-
-
 def upcycle_assignment_map():
     """`train.assignment_map` as runs/sparse_upcycle.gin sets it."""
     gin.clear_config()
