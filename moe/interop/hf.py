@@ -283,9 +283,9 @@ def _tying_from_config(hf_config: Mapping[str, Any], architecture: str) -> tuple
 
 
 _CAPACITY_COMMENT = (
-    "T5X's Switch capacity factors. HF's expert_capacity is a fixed per-sequence count (and\n"
-    "transformers from 5.0 until Aug 2026 never dropped a token): to reproduce HF's drop-free\n"
-    "outputs, evaluate with a larger EVAL_EXPERT_CAPACITY_FACTOR (e.g. NUM_EXPERTS)."
+    "T5X's Switch capacity factors, with HF's expert_capacity (a fixed count of tokens per expert\n"
+    "and sequence) as the floor: when it is at least the group size, nothing is dropped, as in\n"
+    "HF (transformers 5.0 until Aug 2026 never dropped a token whatever the count)."
 )
 _PADDING_COMMENT = (
     "Our default: padding is never routed and takes no capacity (HF routes it). This changes\n"
@@ -335,6 +335,7 @@ def hf_model_gin(hf_config: dict, source: str) -> ModelGin:
         bindings["DECODER_SPARSE_LAYOUT"] = "HF_SWITCH"
         bindings["TRAIN_EXPERT_CAPACITY_FACTOR"] = (1.25, Comment(_CAPACITY_COMMENT))
         bindings["EVAL_EXPERT_CAPACITY_FACTOR"] = 2.0
+        bindings["MIN_EXPERT_CAPACITY"] = int(hf_config.get("expert_capacity", 64))
         bindings["TokenChoice.ignore_padding_tokens"] = (True, Comment(_PADDING_COMMENT))
     note = f"HF's MLP activation {model.hf_activation!r}"
     if model.activation.removeprefix("gated-") == "gelu":
