@@ -1,4 +1,4 @@
-"""Router auxiliary losses (REFERENCE §1): load balancing (Switch eq. 4) and z-loss (ST-MoE eq. 5).
+"""Router auxiliary losses: load balancing (Switch eq. 4) and z-loss (ST-MoE eq. 5).
 
 Both skip padding tokens: a padded position is neither a token to balance nor a logit to shrink.
 """

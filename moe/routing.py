@@ -1,10 +1,10 @@
 """Routers as pure functions: router logits for groups of tokens -> a routing plan.
 
-Notation (REFERENCE §1): a group holds T tokens, E experts, k experts per token, capacity
-factor cf, C slots per expert. Every router returns the same `RoutingPlan`, whose core is
-slot-major: for each expert slot, which token sits in it and with which combine weight. The
-layer's dispatch implementations (mask/einsum, index, dropless) all read that one plan, so
-they cannot disagree about who goes where.
+Notation (the Switch, GShard and Expert Choice papers): a group holds T tokens, E experts,
+k experts per token, capacity factor cf, C slots per expert. Every router returns the same
+`RoutingPlan`, whose core is slot-major: for each expert slot, which token sits in it and with
+which combine weight. The layer's dispatch implementations (mask/einsum, index, dropless) all
+read that one plan, so they cannot disagree about who goes where.
 
 The router *specs* (`TokenChoice`, `ExpertChoice`, `CappedExpertChoice`) are frozen dataclasses:
 gin-configurable, hashable (usable as static jit arguments) and testable without Flax.

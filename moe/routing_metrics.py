@@ -1,4 +1,4 @@
-"""Per-layer routing diagnostics, computed from a `RoutingPlan` (REFERENCE §1, 'Metrics').
+"""Per-layer routing diagnostics, computed from a `RoutingPlan`.
 
 Everything is measured over real tokens only. The keys are what a model reports per layer under
 `experts/<key>/<layer>` and averaged under `experts/<key>`.

@@ -2,7 +2,7 @@
 
 Source per task: the official TSVs under `config.data_paths().glue_dir` when set, else the
 prepared TFDS `glue/<cfg>:2.0.0` (t5's pinned 1.0.0 no longer builds). Texts, label names,
-postprocessors and metrics follow REFERENCE §5.
+postprocessors and metrics follow the `t5` package's text-to-text formats.
 """
 
 from __future__ import annotations

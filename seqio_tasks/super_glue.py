@@ -3,8 +3,8 @@
 Source per task: the official JSONL files under `config.data_paths().super_glue_dir` when set,
 else the prepared TFDS `super_glue/<cfg>:1.0.2`. WSC is registered in t5's "simple" form only
 (`super_glue_wsc_v102_simple_train` / `_simple_eval`). Texts, label names, postprocessors and
-metrics follow REFERENCE §5. `dpr_v001_simple` (Definite Pronoun Resolution as WSC) completes
-t5's `super_glue_v102_proportional`.
+metrics follow the `t5` package's text-to-text formats. `dpr_v001_simple` (Definite Pronoun
+Resolution as WSC) completes t5's `super_glue_v102_proportional`.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ pretraining optimizer (Adafactor, rsqrt decay). Reported, each from a fresh proc
 - steps_per_second: median over `--repeats` timed windows of `--steps` steps after warm-up
   (data loading included, as in training).
 
-Reference (issue 4): t5x + flaxformer run this configuration at about 27 steps/s on a 2-core
-machine, after about 5.5 s init and 10 s compile.
+Reference (measured once with t5x + flaxformer, which do not install here): they run this
+configuration at about 27 steps/s on a 2-core machine, after about 5.5 s init and 10 s compile.
 """
 
 import argparse
