@@ -80,19 +80,10 @@ def from_hf(model_dir: str, output: str) -> str:
     hf_config = hf.read_hf_config(model_dir)
     text = hf.hf_model_gin(hf_config, model_dir).render()
     model = build_model(text)
+    # read_hf_params checks names and shapes against the model's config (and a test, that
+    # those are the model's parameter tree).
     flat = hf.read_hf_params(model_dir, model.module.config)
-    template = abstract_params(model)
-    abstract = flatten_params(template)
-    if set(flat) != set(abstract):
-        raise CheckpointError(
-            f"{model_dir} does not give this model's parameters: missing "
-            f"{sorted(set(abstract) - set(flat))}, unexpected {sorted(set(flat) - set(abstract))}."
-        )
-    for name, value in flat.items():
-        if tuple(value.shape) != tuple(abstract[name].shape):
-            raise CheckpointError(f"{name}: {model_dir} gives {value.shape}, the model has "
-                                  f"{abstract[name].shape}.")
-    params = unflatten_like(template, {k: v.astype(np.float32) for k, v in flat.items()})
+    params = unflatten_like(abstract_params(model), flat)
     return _write_converted(output, text, params, 0)
 
 

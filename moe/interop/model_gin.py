@@ -24,10 +24,11 @@ def gin_literal(value: Any) -> str:
         return repr(value)
     if isinstance(value, bool) or value is None or isinstance(value, int | float):
         return repr(value)
-    if isinstance(value, tuple | list):
+    if isinstance(value, list):
+        return "[" + ", ".join(gin_literal(v) for v in value) + "]"
+    if isinstance(value, tuple):
         items = ", ".join(gin_literal(v) for v in value)
-        return f"({items},)" if isinstance(value, tuple) and len(value) == 1 else (
-            f"({items})" if isinstance(value, tuple) else f"[{items}]")
+        return f"({items},)" if len(value) == 1 else f"({items})"
     if isinstance(value, Mapping):
         items = ", ".join(f"{gin_literal(k)}: {gin_literal(v)}" for k, v in value.items())
         return "{" + items + "}"
@@ -53,15 +54,26 @@ class ModelGin:
     macros: dict[str, Any] = dataclasses.field(default_factory=dict)
     bindings: dict[str, Any] = dataclasses.field(default_factory=dict)
 
+    @staticmethod
+    def _split(entry: Any) -> tuple[Any, Comment | None]:
+        """A binding's (value, comment): entries are values or `(value, Comment)` pairs."""
+        if isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], Comment):
+            return entry
+        return entry, None
+
+    def values(self) -> dict[str, Any]:
+        """Every macro and binding this gin sets, by name, without comments."""
+        return {**self.macros, **{k: self._split(v)[0] for k, v in self.bindings.items()}}
+
     def render(self) -> str:
         lines = [f"# {line}" if line else "#" for line in self.header]
         lines += [f"include '{self.base}'", ""]
         lines += [f"{name} = {gin_literal(value)}" for name, value in self.macros.items()]
         if self.bindings:
             lines.append("")
-        for name, value in self.bindings.items():
-            if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], Comment):
-                value, comment = value
+        for name, entry in self.bindings.items():
+            value, comment = self._split(entry)
+            if comment is not None:
                 lines += [f"# {c}" for c in comment.text.splitlines()]
             lines.append(f"{name} = {gin_literal(value)}")
         return "\n".join(lines) + "\n"

@@ -229,16 +229,12 @@ FLAXFORMER_NUMERICS = {
                       "output by its logit masks.")),
     "TokenChoice.capacity_formula": (
         "flaxformer", Comment("flaxformer's capacity: max(min, round(cf * T / E)).")),
-    "ExpertChoice.capacity_formula": ("flaxformer", None),
-    "ExpertChoice.min_capacity": (GinReference("%MIN_EXPERT_CAPACITY"), None),
+    "ExpertChoice.capacity_formula": "flaxformer",
+    "ExpertChoice.min_capacity": GinReference("%MIN_EXPERT_CAPACITY"),
     "SparseConfig.group_formula": (
         "flaxformer", Comment("flaxformer's number of routing groups (a multiple of the "
                               "experts that divides the tokens).")),
 }
-
-
-def _binding(value, comment):
-    return (value, comment) if comment is not None else value
 
 
 def to_model_gin(t5x: T5xGin, source: str) -> ModelGin:
@@ -358,9 +354,9 @@ def _from_flaxformer(t5x: T5xGin, source: str) -> ModelGin:
     moe = [s for s in (encoder, decoder) if s["num_sparse"]]
     if moe:
         _moe_macros(macros, bindings, encoder, decoder, dense_activation, t5x)
-    for name, (value, comment) in FLAXFORMER_NUMERICS.items():
+    for name, entry in FLAXFORMER_NUMERICS.items():
         if moe or name.startswith("TransformerConfig."):
-            bindings[name] = _binding(value, comment)
+            bindings[name] = entry
     return ModelGin(header=_header(t5x, source), macros=macros, bindings=bindings)
 
 
@@ -482,9 +478,7 @@ _CHECKED_BINDINGS = {
 def config_mismatches(model_gin: ModelGin, config: Any) -> list[str]:
     """Where a model's `TransformerConfig` differs from a translated T5X gin's network."""
     problems = []
-    expected = {**model_gin.macros, **{k: v[0] if isinstance(v, tuple) and len(v) == 2 and
-                                       isinstance(v[1], Comment) else v
-                                       for k, v in model_gin.bindings.items()}}
+    expected = model_gin.values()
     checks = {**_CHECKED_MACROS, **_CHECKED_BINDINGS}
     sparse = model_gin.macros.get("NUM_ENCODER_SPARSE_LAYERS") or model_gin.macros.get(
         "NUM_DECODER_SPARSE_LAYERS")
