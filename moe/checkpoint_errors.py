@@ -2,7 +2,10 @@
 no checkpoint, a model that does not fit it); entry points turn it into exit status 2."""
 
 
-class CheckpointError(ValueError):
+from moe.errors import ConfigurationError
+
+
+class CheckpointError(ConfigurationError):
     """A checkpoint cannot be found or does not fit the model it is restored into."""
 
 

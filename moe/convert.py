@@ -33,6 +33,7 @@ import numpy as np
 from moe import checkpoints, gin_cli
 from moe.checkpoint_errors import CheckpointError
 from moe.checkpoint_sources import absolute_path, flatten_params, unflatten_like
+from moe.errors import ConfigurationError
 from moe.interop import hf, t5x_checkpoint, t5x_gin
 from moe.interop.model_gin import build_model
 from moe.models.param_count import abstract_params
@@ -147,8 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 paths = [p for group in args.gin_search_paths for p in group.split(",") if p]
                 from_t5x(args.checkpoint, args.output, args.gin_file, paths, args.step)
-    except (CheckpointError, gin_cli.GinConfigError, hf.HfConversionError,
-            t5x_gin.T5xGinError) as e:
+    except ConfigurationError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -22,8 +22,10 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from moe.errors import ConfigurationError
 
-class UnknownTaskError(ValueError):
+
+class UnknownTaskError(ConfigurationError):
     """MIXTURE_OR_TASK_NAME names no registered seqio task or mixture."""
 
 

@@ -37,6 +37,8 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
+from moe.errors import ConfigurationError
+
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_PROCESS_ID"
@@ -47,7 +49,7 @@ DEFAULT_INIT_TIMEOUT = 300
 DEFAULT_HEARTBEAT_TIMEOUT = 100
 
 
-class ClusterConfigError(ValueError):
+class ClusterConfigError(ConfigurationError):
     """The multi-host settings are incomplete or inconsistent."""
 
 

@@ -1,22 +1,17 @@
 """The shared shape of the gin entry points (train, eval, infer).
 
 Each parses the T5X-style flags, joins the cluster before any JAX backend use, runs, and turns
-the errors a user can fix (bad gin, unknown task, missing checkpoint, bad cluster settings)
-into one `error: ...` line and exit status 2 instead of a traceback.
+every `ConfigurationError` (bad gin, unknown task, missing checkpoint or data, a model, mesh or
+router setting that cannot work, bad cluster settings) into one `error: ...` line and exit
+status 2 instead of a traceback.
 """
 
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from moe import checkpoints, data, distributed, gin_cli
-
-USER_ERRORS = (
-    gin_cli.GinConfigError,
-    checkpoints.CheckpointError,
-    data.UnknownTaskError,
-    distributed.ClusterConfigError,
-)
+from moe import distributed, gin_cli
+from moe.errors import ConfigurationError
 
 
 def run_entry_point(
@@ -29,6 +24,6 @@ def run_entry_point(
         args = gin_cli.parse_command_line(sys.argv[1:] if argv is None else argv, parser)
         distributed.initialize_distributed(args.extra)  # before any JAX backend use
         return 0, run()
-    except USER_ERRORS as e:
+    except ConfigurationError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2, None

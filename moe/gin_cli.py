@@ -24,10 +24,11 @@ from collections.abc import Sequence
 
 import gin
 
+from moe.errors import ConfigurationError
 from moe.interop import t5x_gin
 
 
-class GinConfigError(ValueError):
+class GinConfigError(ConfigurationError):
     """A gin file or binding given on the command line cannot be used."""
 
 

@@ -12,13 +12,14 @@ from typing import Any
 import seqio
 import tensorflow as tf
 
+from moe.errors import ConfigurationError
 from seqio_tasks import config
 
 Example = dict[str, Any]
 LocalReader = Callable[[str, str], Iterator[Example]]  # (directory, split) -> examples
 
 
-class MissingDataError(FileNotFoundError):
+class MissingDataError(ConfigurationError, FileNotFoundError):
     """The data of a task is neither prepared in TFDS nor present as local files."""
 
 

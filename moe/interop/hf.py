@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from moe.errors import ConfigurationError
 from moe.interop.model_gin import Comment, ModelGin
 from moe.models.config import TransformerConfig
 from moe.models.sparse_layout import sparse_layers
@@ -83,7 +84,7 @@ _ACTIVATIONS_FROM_HF = {
 _ACTIVATIONS_TO_HF = {"relu": "relu", "gelu": "gelu_new", "silu": "silu"}
 
 
-class HfConversionError(ValueError):
+class HfConversionError(ConfigurationError):
     """A Hugging Face model or one of ours that the other side cannot express exactly."""
 
 

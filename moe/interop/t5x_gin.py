@@ -32,10 +32,11 @@ from typing import Any
 
 from gin import config_parser
 
+from moe.errors import ConfigurationError
 from moe.interop.model_gin import Comment, GinReference, ModelGin
 
 
-class T5xGinError(ValueError):
+class T5xGinError(ConfigurationError):
     """A T5X gin file cannot be read or describes a network we cannot build."""
 
 

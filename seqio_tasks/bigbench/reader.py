@@ -14,6 +14,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from moe.errors import ConfigurationError
+
 GENERATIVE_METRICS = frozenset({
     "exact_str_match", "case_insensitive_str_match", "bleu", "rouge", "sequence_f1",
     "numeric_match_with_0_1_relative_error",
@@ -29,7 +31,7 @@ UNSUPPORTED_METRICS = frozenset({"bleurt"})
 KNOWN_METRICS = GENERATIVE_METRICS | SCORING_METRICS | MULTIPLE_CHOICE_METRICS | UNSUPPORTED_METRICS
 
 
-class TaskFileError(ValueError):
+class TaskFileError(ConfigurationError):
     """A BIG-bench task file is missing a field or has one of the wrong type."""
 
 
