@@ -16,7 +16,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from moe.routing import RoutingPlan
+from moe.routing.plan import RoutingPlan
 
 DISPATCH_NAMES = ("mask", "index", "dropless")
 

@@ -21,10 +21,11 @@ import jax
 import jax.numpy as jnp
 
 from moe.dispatch import BUFFERED_DISPATCH, DISPATCH_NAMES, dropless_moe
+from moe.errors import ConfigurationError
 from moe.experts import MlpExperts
-from moe.routers import Router
-from moe.routing import ExpertChoice, RouterSpec, TokenChoice
-from moe.routing_metrics import routing_diagnostics
+from moe.routing import RouterSpec, TokenChoice
+from moe.routing.metrics import routing_diagnostics
+from moe.routing.shell import Router
 
 # Logical axes of expert buffers: [G, E, C, d] split like the batch, then [E, G, C, d] split
 # over the experts (what is left of the batch split stays on the group axis).
@@ -88,7 +89,7 @@ class MoeLayer(nn.Module):
     Attributes:
       num_experts: E.
       d_ff: hidden size of each expert.
-      router: a routing spec: `TokenChoice`, `ExpertChoice` or `CappedExpertChoice`.
+      router: a router spec (`moe.routing.RouterSpec`: `TokenChoice`, `ExpertChoice`, ...).
       activation: 'relu', 'gelu', 'gated-gelu', ... (see `moe.activations`).
       dispatch: 'index' (gather/scatter), 'mask' (einsum, TPU style) or 'dropless'
         (token choice, `ragged_dot`, no capacity).
@@ -118,35 +119,38 @@ class MoeLayer(nn.Module):
     num_expert_replicas: int = 1
 
     def check_config(self) -> None:
-        """Raise a ValueError naming the problem and the fix for a bad configuration."""
+        """Raise a ConfigurationError naming the problem and the fix for a bad configuration."""
         if self.num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}.")
+            raise ConfigurationError(f"num_experts must be >= 1, got {self.num_experts}.")
         self.router.validate(self.num_experts)
         if self.dispatch not in DISPATCH_NAMES:
-            raise ValueError(
+            raise ConfigurationError(
                 f"Unknown dispatch {self.dispatch!r}; choose one of {list(DISPATCH_NAMES)}."
             )
-        if self.dispatch == "dropless" and isinstance(self.router, ExpertChoice):
-            raise ValueError(
-                "dispatch='dropless' works with token choice only; expert choice has a fixed "
-                "number of tokens per expert. Use dispatch='index' or 'mask'."
+        if self.dispatch == "dropless" and not self.router.supports_dropless:
+            raise ConfigurationError(
+                "dispatch='dropless' works with token choice only (routers that can route "
+                f"without capacity); {type(self.router).__name__} gives each expert a fixed "
+                "number of tokens. Use dispatch='index' or 'mask'."
             )
         if self.num_expert_partitions < 1 or self.num_experts % self.num_expert_partitions:
-            raise ValueError(
+            raise ConfigurationError(
                 f"num_experts={self.num_experts} is not divisible by num_expert_partitions="
                 f"{self.num_expert_partitions}; pick NUM_EXPERT_PARTITIONS dividing NUM_EXPERTS."
             )
         if self.max_group_size < 1:
-            raise ValueError(f"max_group_size must be >= 1, got {self.max_group_size}.")
+            raise ConfigurationError(f"max_group_size must be >= 1, got {self.max_group_size}.")
         if self.group_formula not in GROUP_FORMULAS:
-            raise ValueError(
+            raise ConfigurationError(
                 f"Unknown group_formula {self.group_formula!r}; choose one of "
                 f"{list(GROUP_FORMULAS)}."
             )
         if self.num_expert_replicas < 1:
-            raise ValueError(f"num_expert_replicas must be >= 1, got {self.num_expert_replicas}.")
-        if self.causal and self.router.uses_whole_group and not self.router.allow_causal:
-            raise ValueError(
+            raise ConfigurationError(
+                f"num_expert_replicas must be >= 1, got {self.num_expert_replicas}."
+            )
+        if self.causal and not self.router.causal_safe and not self.router.allow_causal:
+            raise ConfigurationError(
                 f"{type(self.router).__name__} compares tokens across the whole group (expert "
                 "choice or batch-prioritized routing), so in a causal decoder a token's routing "
                 "depends on later tokens and leaks the future. Use TokenChoice without "

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe import capped_routing, routing
-from moe.routing import CappedExpertChoice, ExpertChoice, expert_capacity
-from moe.routing_metrics import experts_per_token
+from moe import routing
+from moe.routing import CappedExpertChoice, ExpertChoice, capped_assignment, expert_capacity
+from moe.routing.metrics import experts_per_token
 
 # One compilation per configuration instead of one per eager op.
 route_experts_choose = jax.jit(routing.route_experts_choose, static_argnames=("capacity",))
@@ -106,7 +106,7 @@ def test_dykstra_solution_is_feasible_fractional_assignment():
     real = jnp.ones((2, tokens), bool)
     solve = lambda iterations: np.exp(
         np.asarray(
-            capped_routing.solve_capped_assignment(scores, real, k_e, cap, 1e-3, iterations)
+            capped_assignment.solve_capped_assignment(scores, real, k_e, cap, 1e-3, iterations)
         )
     )
     # Alternating projections converge slowly at lambda = 1e-3: the paper's 100 iterations

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from moe.moe_layer import MoeLayer, group_shape
-from moe.routers import Router
 from moe.routing import CappedExpertChoice, ExpertChoice, TokenChoice
-from moe.routing_metrics import SCALAR_KEYS
+from moe.routing.metrics import SCALAR_KEYS
+from moe.routing.shell import Router
 
 ROUTERS = {
     "top1": TokenChoice(1, capacity_factor=8.0),

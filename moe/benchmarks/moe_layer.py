@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         for router in args.routers:
             spec = specs[router]
             for dispatch in args.dispatches:
-                if dispatch == "dropless" and not isinstance(spec, TokenChoice):
+                if dispatch == "dropless" and not spec.supports_dropless:
                     continue
                 if dispatch == "dropless" and router == "top2_flaxformer_capacity":
                     continue  # no capacity in dropless: identical to top2

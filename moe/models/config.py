@@ -7,7 +7,6 @@ NUM_ENCODER_SPARSE_LAYERS and NUM_DECODER_SPARSE_LAYERS are set separately.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import Any
 
@@ -15,13 +14,7 @@ import gin
 import jax.numpy as jnp
 
 from moe.models.sparse_layout import sparse_layers
-from moe.routing import CappedExpertChoice, ExpertChoice, RouterSpec, TokenChoice
-
-# The router specs are configured from the model gins (`encoder/TokenChoice.num_selected_experts
-# = 2`). Register them unless `moe.routing` already does.
-for _spec in (TokenChoice, ExpertChoice, CappedExpertChoice):
-    with contextlib.suppress(ValueError):  # ValueError: already registered
-        gin.external_configurable(_spec, module="moe.routing")
+from moe.routing import RouterSpec, TokenChoice  # importing registers every router with gin
 
 
 @gin.configurable
@@ -33,7 +26,7 @@ class SparseConfig:
       num_sparse_layers: how many of the stack's MLPs are MoE layers (0: dense stack).
       layout: 'BOTTOM', 'TOP', 'MIDDLE' or 'MIXED' (see `sparse_layout`).
       num_experts: experts per MoE layer.
-      router: `TokenChoice`, `ExpertChoice` or `CappedExpertChoice`.
+      router: a router spec (`moe.routing.RouterSpec`: `TokenChoice`, `ExpertChoice`, ...).
       d_ff: hidden size of each expert (None: the stack's d_ff).
       activation: the experts' activation (None: the dense MLPs'); the Expert Choice paper's
         decoder-only models use plain 'gelu' experts next to 'gated-gelu' dense MLPs.

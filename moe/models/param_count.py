@@ -15,7 +15,6 @@ import jax
 
 from moe.models.config import SparseConfig
 from moe.models.model import BaseModel
-from moe.routing import ExpertChoice, TokenChoice
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,11 +26,7 @@ class ParameterCount:
 
 def experts_per_token(sparse: SparseConfig) -> float:
     """Average experts a token is processed by (without drops)."""
-    if isinstance(sparse.router, ExpertChoice):
-        return sparse.router.capacity_factor
-    if isinstance(sparse.router, TokenChoice):
-        return sparse.router.num_selected_experts
-    raise TypeError(f"Unknown router spec {sparse.router!r}.")
+    return sparse.router.experts_per_token
 
 
 def abstract_params(model: BaseModel, length: int = 8) -> dict:

@@ -17,8 +17,8 @@ from safetensors.numpy import save_file
 from moe.checkpoint_sources import flatten_params
 from moe.interop import hf
 from moe.interop.model_gin import build_model
-from moe.routers import Router
 from moe.routing import ExpertChoice, TokenChoice
+from moe.routing.shell import Router
 from tests.interop.fixtures import HF_SWITCH_TINY, HF_T5_V1_1_TINY, require
 
 # config.json fields that decide the architecture, the sizes and the output logits.

@@ -7,7 +7,7 @@ Everything is measured over real tokens only. The keys are what a model reports 
 import jax
 import jax.numpy as jnp
 
-from moe.routing import RoutingPlan
+from moe.routing.plan import RoutingPlan
 
 SCALAR_KEYS = (
     "auxiliary_loss",
@@ -17,7 +17,6 @@ SCALAR_KEYS = (
     "router_confidence",
     "router_entropy",
 )
-VECTOR_KEYS = ("drop_fraction_by_rank", "expert_load", "experts_per_token")
 
 
 def per_token_sum(plan: RoutingPlan, slot_values: jax.Array) -> jax.Array:

@@ -1,14 +1,16 @@
 """The Flax shell around the routing functions: router weights, float32 logits, jitter.
 
-All routing math lives in `moe.routing`; this module only owns the parameters and the
-randomness (RNG stream 'router'), so the router can be tested as plain functions.
+All routing math lives in the router specs (`moe.routing.RouterSpec`); this module only owns
+the parameters and the randomness each spec asks for (RNG stream 'router'), so routers can be
+tested as plain functions.
 """
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe.routing import RouterSpec, RoutingPlan
+from moe.routing.interface import RouterSpec
+from moe.routing.plan import RoutingPlan
 
 
 class RouterWeights(nn.Module):
@@ -45,18 +47,18 @@ class Router(nn.Module):
         capacity: int | None = None,
     ) -> RoutingPlan:
         """x: [G, T, d_model] -> a routing plan for each group."""
-        # Selective precision (Switch §2.4): the router always runs in float32.
+        # Selective precision (Switch Transformer, section 2.4): the router always runs in
+        # float32.
         x = x.astype(jnp.float32)
-        jitter = 0.0 if deterministic else self.spec.jitter_noise
-        if jitter > 0 and self.spec.jitter_on == "inputs":
-            x = x * self._jitter(x.shape, jitter)
+        noise = self.spec.noise(deterministic)
+        if noise.input_jitter > 0:
+            x = x * self._jitter(x.shape, noise.input_jitter)
         # Parameter path router/router_weights/w, as in flaxformer checkpoints.
         w = RouterWeights(self.num_experts, self.kernel_init, name="router_weights")(x.shape[-1])
         logits = jnp.einsum("gtd,de->gte", x, w)  # [G, T, E]
-        if jitter > 0 and self.spec.jitter_on == "logits":
-            logits = logits * self._jitter(logits.shape, jitter)
-        needs_rng = not deterministic and getattr(self.spec, "second_expert_policy", "all") != "all"
-        rng = self.make_rng("router") if needs_rng else None
+        if noise.logit_jitter > 0:
+            logits = logits * self._jitter(logits.shape, noise.logit_jitter)
+        rng = self.make_rng("router") if noise.needs_rng else None
         return self.spec.route(
             logits, padding_mask, deterministic=deterministic, rng=rng, capacity=capacity
         )

@@ -1,0 +1,95 @@
+"""The one interface every router implements, so that a new router is one new file.
+
+A router is a frozen dataclass (gin-configurable, hashable, so usable as a static `jax.jit`
+argument) that turns router logits [G, T, E] into a `RoutingPlan`. The MoE layer, the Flax
+router shell, the parameter counter and the diagnostics read only what `RouterSpec` declares;
+none of them branches on the router's type. Register a new router with
+`moe.routing.registry.register_router` so gin files can name it as `moe.routing.<Name>`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol, runtime_checkable
+
+import jax
+
+from moe.routing.plan import RoutingPlan
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterNoise:
+    """The randomness a router asks of the Flax shell (RNG stream 'router') in one step.
+
+    Attributes:
+      input_jitter: eps of multiplicative U(1-eps, 1+eps) noise on the router inputs.
+      logit_jitter: eps of the same noise on the router logits.
+      needs_rng: whether `route` needs a PRNG key (e.g. a sampled second expert).
+    """
+
+    input_jitter: float = 0.0
+    logit_jitter: float = 0.0
+    needs_rng: bool = False
+
+
+NO_NOISE = RouterNoise()
+
+
+@runtime_checkable
+class RouterSpec(Protocol):
+    """What the MoE layer needs to know about a router.
+
+    Attributes:
+      ignore_padding_tokens: padding is never routed (True), or routed like a real token so it
+        can take capacity (False: flaxformer's default, for parity with its checkpoints).
+      allow_causal: accept the router in a causal stack although it is not `causal_safe`.
+    """
+
+    ignore_padding_tokens: bool
+    allow_causal: bool
+
+    @property
+    def causal_safe(self) -> bool:
+        """Whether a token's routing never depends on later tokens of its group.
+
+        A router that is not causal-safe leaks the future in a causal decoder; the layer refuses
+        it there unless `allow_causal`.
+        """
+        ...
+
+    @property
+    def supports_dropless(self) -> bool:
+        """Whether the router can route with capacity T (no drops): the 'dropless' dispatch."""
+        ...
+
+    @property
+    def experts_per_token(self) -> float:
+        """Experts an average token is processed by, without drops (activated parameters)."""
+        ...
+
+    def noise(self, deterministic: bool) -> RouterNoise:
+        """The randomness this router uses in this mode (`NO_NOISE` when deterministic)."""
+        ...
+
+    def validate(self, num_experts: int) -> None:
+        """Raise a `ConfigurationError` naming the setting and the fix if it cannot work."""
+        ...
+
+    def capacity(self, num_tokens: int, num_experts: int, deterministic: bool) -> int:
+        """Slots per expert per group of `num_tokens` tokens."""
+        ...
+
+    def route(
+        self,
+        logits: jax.Array,
+        padding_mask: jax.Array | None,
+        *,
+        deterministic: bool = True,
+        rng: jax.Array | None = None,
+        capacity: int | None = None,
+    ) -> RoutingPlan:
+        """Route [G, T, E] float32 logits; `capacity` overrides `self.capacity` (dropless: T).
+
+        `rng` is a key exactly when `noise(deterministic).needs_rng`.
+        """
+        ...
