@@ -13,10 +13,14 @@ counter kept by the decoder stack.
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import struct
 
+from moe.errors import ConfigurationError
 from moe.models.config import SparseConfig, TransformerConfig
 from moe.models.layers import (
     _MASK_VALUE,
@@ -78,6 +82,43 @@ def self_attention_mask(
     return same & allowed
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerMode:
+    """How the layers run: Python values fixed at trace time.
+
+    A module attribute of every layer, so that rematerialization and scan treat it as static
+    without counting argument positions.
+    """
+
+    deterministic: bool = True  # no dropout, no router noise, eval capacity factors
+    decode: bool = False  # use the 'cache' collection (create, prefill or step)
+    prefill: bool = False  # write a full prompt's keys and values into the cache
+
+
+@struct.dataclass
+class LayerInputs:
+    """The arrays every layer of a stack reads besides its input (None where not used).
+
+    Attributes:
+      self_bias: additive self-attention bias [batch, 1, q, k] (the stack fills it in).
+      encoded: encoder output [batch, input_length, embed] (decoders with cross-attention).
+      cross_bias: additive cross-attention bias [batch, 1, q, input_length].
+      padding_mask: [batch, length] True for real tokens: never routed to experts otherwise.
+      decode_position: the position of a decoding step's token.
+      keep_cache: [batch] whether an example keeps its cache entries in a decoding step.
+      position_mask: flaxformer's logit mask [batch, length], multiplied into the normed input
+        of every sublayer (see `TransformerConfig.logit_mask`).
+    """
+
+    self_bias: jax.Array | None = None
+    encoded: jax.Array | None = None
+    cross_bias: jax.Array | None = None
+    padding_mask: jax.Array | None = None
+    decode_position: jax.Array | None = None
+    keep_cache: jax.Array | None = None
+    position_mask: jax.Array | None = None
+
+
 class TransformerLayer(nn.Module):
     """One encoder or decoder layer: self-attention, optional cross-attention, (sparse) MLP."""
 
@@ -86,25 +127,13 @@ class TransformerLayer(nn.Module):
     sparse_config: SparseConfig
     causal: bool
     cross_attention: bool
+    mode: LayerMode = LayerMode()
 
     @nn.compact
-    def __call__(
-        self,
-        x: jax.Array,
-        self_bias: jax.Array,
-        encoded: jax.Array | None = None,
-        cross_bias: jax.Array | None = None,
-        padding_mask: jax.Array | None = None,
-        deterministic: bool = True,
-        decode: bool = False,
-        prefill: bool = False,
-        decode_position: jax.Array | None = None,
-        keep_cache: jax.Array | None = None,
-        position_mask: jax.Array | None = None,
-    ) -> jax.Array:
-        """`position_mask` [batch, length]: flaxformer's logit mask, multiplied into the normed
-        input of every sublayer (see `TransformerConfig.logit_mask`); None: no mask."""
+    def __call__(self, x: jax.Array, inputs: LayerInputs) -> jax.Array:
+        """[batch, length, embed] -> [batch, length, embed]."""
         cfg = self.config
+        deterministic, position_mask = self.mode.deterministic, inputs.position_mask
         drop = nn.Dropout(cfg.dropout_rate, name="dropout")
 
         def attention(name):
@@ -131,14 +160,17 @@ class TransformerLayer(nn.Module):
         h = RmsNorm(dtype=cfg.dtype, name="pre_self_attention_layer_norm")(x)
         h = _masked(h, position_mask)
         h = attention("self_attention")(
-            h, h, self_bias, deterministic, decode, prefill, decode_position, keep_cache
+            h, h, inputs.self_bias, deterministic, self.mode.decode, self.mode.prefill,
+            inputs.decode_position, inputs.keep_cache,
         )
         x = x + drop(h, deterministic=deterministic)
 
         if self.cross_attention:
             h = RmsNorm(dtype=cfg.dtype, name="pre_cross_attention_layer_norm")(x)
             h = _masked(h, position_mask)
-            h = attention("encoder_decoder_attention")(h, encoded, cross_bias, deterministic)
+            h = attention("encoder_decoder_attention")(
+                h, inputs.encoded, inputs.cross_bias, deterministic
+            )
             x = x + drop(h, deterministic=deterministic)
 
         h = RmsNorm(dtype=cfg.dtype, name="pre_mlp_layer_norm")(x)
@@ -160,7 +192,7 @@ class TransformerLayer(nn.Module):
                 causal=self.causal,
                 kernel_init_scale=cfg.kernel_init_scale,
                 name="mlp",
-            )(h, padding_mask, deterministic=deterministic)
+            )(h, inputs.padding_mask, deterministic=deterministic)
         else:
             h = dense_mlp("mlp")(h, deterministic)
         x = x + drop(h, deterministic=deterministic)
@@ -174,11 +206,8 @@ class TransformerLayer(nn.Module):
 
 
 def _layer_class(config: TransformerConfig):
-    if not config.remat:
-        return TransformerLayer
-    # Positional args after self: x, self_bias, encoded, cross_bias, padding_mask,
-    # deterministic (6), decode (7), prefill (8) are static Python values.
-    return nn.remat(TransformerLayer, static_argnums=(6, 7, 8))
+    """TransformerLayer, rematerialized in the backward pass when `config.remat`."""
+    return nn.remat(TransformerLayer) if config.remat else TransformerLayer
 
 
 def scan_period(layers_sparse: tuple[bool, ...]) -> int:
@@ -198,22 +227,15 @@ class _LayerBlock(nn.Module):
     sparse_config: SparseConfig
     causal: bool
     cross_attention: bool
-    deterministic: bool
-    decode: bool
-    prefill: bool
+    mode: LayerMode
 
     @nn.compact
-    def __call__(
-        self, x, self_bias, encoded, cross_bias, padding_mask, position, keep_cache, position_mask
-    ):
+    def __call__(self, x: jax.Array, inputs: LayerInputs) -> tuple[jax.Array, None]:
         for j, sparse in enumerate(self.layers_sparse):
             x = TransformerLayer(
                 self.config, sparse, self.sparse_config, self.causal, self.cross_attention,
-                name=f"layers_{j}",
-            )(
-                x, self_bias, encoded, cross_bias, padding_mask, self.deterministic, self.decode,
-                self.prefill, position, keep_cache, position_mask,
-            )
+                self.mode, name=f"layers_{j}",
+            )(x, inputs)
         return x, None
 
 
@@ -233,16 +255,11 @@ class TransformerStack(nn.Module):
         self_mask: jax.Array,
         query_positions: jax.Array,
         key_positions: jax.Array,
-        encoded: jax.Array | None = None,
-        cross_bias: jax.Array | None = None,
-        padding_mask: jax.Array | None = None,
-        deterministic: bool = True,
-        decode: bool = False,
-        prefill: bool = False,
-        decode_position: jax.Array | None = None,
-        keep_cache: jax.Array | None = None,
-        position_mask: jax.Array | None = None,
+        inputs: LayerInputs,
+        mode: LayerMode,
     ) -> jax.Array:
+        """[batch, length, embed] -> [batch, length, embed]; `self_mask` [batch, q, k] and the
+        positions give `inputs.self_bias`."""
         cfg = self.config
         position_bias = RelativePositionBiases(
             num_heads=cfg.num_heads,
@@ -252,44 +269,35 @@ class TransformerStack(nn.Module):
             dtype=jnp.float32,
             name="relpos_bias",
         )(query_positions, key_positions)
-        self_bias = attention_bias(self_mask) + position_bias
-        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        inputs = inputs.replace(self_bias=attention_bias(self_mask) + position_bias)
+        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=mode.deterministic)
         if cfg.scan_layers:
-            x = self._scanned(
-                x, self_bias, encoded, cross_bias, padding_mask, deterministic, decode, prefill,
-                decode_position, keep_cache, position_mask,
-            )
+            x = self._scanned(x, inputs, mode)
         else:
             layer_cls = _layer_class(cfg)
             for i, sparse in enumerate(self.layers_sparse):
                 x = layer_cls(
-                    cfg, sparse, self.sparse_config, self.causal, self.cross_attention,
+                    cfg, sparse, self.sparse_config, self.causal, self.cross_attention, mode,
                     name=f"layers_{i}",
-                )(
-                    x, self_bias, encoded, cross_bias, padding_mask, deterministic, decode,
-                    prefill, decode_position, keep_cache, position_mask,
-                )
-        x = _masked(RmsNorm(dtype=cfg.dtype, name="final_layer_norm")(x), position_mask)
-        return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+                )(x, inputs)
+        x = _masked(RmsNorm(dtype=cfg.dtype, name="final_layer_norm")(x), inputs.position_mask)
+        return nn.Dropout(cfg.dropout_rate)(x, deterministic=mode.deterministic)
 
-    def _scanned(
-        self, x, self_bias, encoded, cross_bias, padding_mask, deterministic, decode, prefill,
-        position, keep_cache, position_mask,
-    ):
+    def _scanned(self, x: jax.Array, inputs: LayerInputs, mode: LayerMode) -> jax.Array:
         period = scan_period(self.layers_sparse)
         block_cls = nn.remat(_LayerBlock, prevent_cse=False) if self.config.remat else _LayerBlock
         scanned = nn.scan(
             block_cls,
             variable_axes={"params": 0, "cache": 0, "moe": 0},
             split_rngs={"params": True, "dropout": True, "router": True},
-            in_axes=(nn.broadcast,) * 7,
+            in_axes=nn.broadcast,
             length=len(self.layers_sparse) // period,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
         x, _ = scanned(
             self.config, self.layers_sparse[:period], self.sparse_config, self.causal,
-            self.cross_attention, deterministic, decode, prefill, name="scanned_blocks",
-        )(x, self_bias, encoded, cross_bias, padding_mask, position, keep_cache, position_mask)
+            self.cross_attention, mode, name="scanned_blocks",
+        )(x, inputs)
         return x
 
 
@@ -362,19 +370,19 @@ class Decoder(nn.Module):
         self,
         embedded: jax.Array,
         segments: jax.Array,
-        padding_mask: jax.Array,
+        mode: LayerMode,
+        *,
         bidirectional_prefix: jax.Array | None = None,
         encoded: jax.Array | None = None,
         encoder_segments: jax.Array | None = None,
-        deterministic: bool = True,
-        decode: bool = False,
-        prefill: bool = False,
         keep_cache: jax.Array | None = None,
         position_mask: jax.Array | None = None,
     ) -> jax.Array:
         """[batch, length, embed] -> [batch, length, embed] (length 1 in a decoding step).
 
-        `position_mask`: flaxformer's decoder logit mask (teacher-forced calls only)."""
+        `segments` [batch, length]: segment ids, 0 for padding. `position_mask`: flaxformer's
+        decoder logit mask (teacher-forced calls only)."""
+        decode, prefill = mode.decode, mode.prefill
         batch, length = embedded.shape[:2]
         step = decode and not prefill and self.has_variable("cache", "position")
         if decode:
@@ -413,11 +421,15 @@ class Decoder(nn.Module):
             cross_attention=self.cross_attention,
             name="stack",
         )
-        return stack(
-            embedded, self_mask, query_positions, key_positions, encoded, cross_bias,
-            padding_mask, deterministic, decode, prefill, p, keep_cache,
-            None if decode else position_mask,
+        inputs = LayerInputs(
+            encoded=encoded,
+            cross_bias=cross_bias,
+            padding_mask=segments > 0,
+            decode_position=p,
+            keep_cache=keep_cache,
+            position_mask=None if decode else position_mask,
         )
+        return stack(embedded, self_mask, query_positions, key_positions, inputs, mode)
 
 
 class EncoderDecoder(_Logits, nn.Module):
@@ -428,7 +440,9 @@ class EncoderDecoder(_Logits, nn.Module):
     def setup(self):
         cfg = self.config
         if cfg.num_encoder_layers < 1:
-            raise ValueError("EncoderDecoder needs num_encoder_layers >= 1; use DecoderOnly.")
+            raise ConfigurationError(
+                "EncoderDecoder needs num_encoder_layers >= 1; use DecoderOnly."
+            )
         if cfg.shared_embedding:
             self.token_embedder = Embed(cfg.vocab_size, cfg.d_model, cfg.dtype)
         else:
@@ -457,10 +471,13 @@ class EncoderDecoder(_Logits, nn.Module):
         embedder = self.token_embedder if self.config.shared_embedding else (
             self.encoder_token_embedder)
         x = embedder(encoder_input_tokens)
-        return self.encoder(
-            x, self_attention_mask(segments, causal=False), positions, positions,
-            padding_mask=segments > 0, deterministic=deterministic,
+        inputs = LayerInputs(
+            padding_mask=segments > 0,
             position_mask=encoder_input_tokens > 0 if self.config.logit_mask else None,
+        )
+        return self.encoder(
+            x, self_attention_mask(segments, causal=False), positions, positions, inputs,
+            LayerMode(deterministic=deterministic),
         )
 
     def decode(
@@ -500,7 +517,8 @@ class EncoderDecoder(_Logits, nn.Module):
             self.decoder_token_embedder)
         y = embedder(decoder_input_tokens)
         y = self.decoder(
-            y, segments, segments > 0, None, encoded, encoder_segments, deterministic, decode,
+            y, segments, LayerMode(deterministic, decode), encoded=encoded,
+            encoder_segments=encoder_segments,
             position_mask=self._logit_mask(decoder_input_tokens),
         )
         return self.logits(y)
@@ -542,7 +560,7 @@ class DecoderOnly(_Logits, nn.Module):
     def setup(self):
         cfg = self.config
         if cfg.num_encoder_layers:
-            raise ValueError(
+            raise ConfigurationError(
                 f"DecoderOnly has no encoder, but num_encoder_layers={cfg.num_encoder_layers}."
             )
         self.token_embedder = Embed(cfg.vocab_size, cfg.d_model, cfg.dtype)
@@ -583,7 +601,8 @@ class DecoderOnly(_Logits, nn.Module):
         segments = _segments(decoder_segment_ids, real)
         y = self.token_embedder(decoder_input_tokens)
         y = self.decoder(
-            y, segments, segments > 0, decoder_causal_attention, None, None, deterministic,
-            decode, prefill, keep_cache, self._logit_mask(decoder_input_tokens),
+            y, segments, LayerMode(deterministic, decode, prefill),
+            bidirectional_prefix=decoder_causal_attention, keep_cache=keep_cache,
+            position_mask=self._logit_mask(decoder_input_tokens),
         )
         return self.logits(y)
