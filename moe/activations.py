@@ -8,6 +8,8 @@ from collections.abc import Callable
 
 import jax
 
+from moe.errors import ConfigurationError
+
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
     # T5.1.1 and flaxformer use the tanh approximation of GELU.
@@ -31,7 +33,7 @@ def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
     base = name.removeprefix("gated-")
     if base not in _ACTIVATIONS:
         known = sorted(list(_ACTIVATIONS) + [f"gated-{k}" for k in _ACTIVATIONS])
-        raise ValueError(f"Unknown activation {name!r}; choose one of {known}.")
+        raise ConfigurationError(f"Unknown activation {name!r}; choose one of {known}.")
     return _ACTIVATIONS[base]
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from moe.errors import ConfigurationError
 from moe.routing.plan import RoutingPlan
 
 DISPATCH_NAMES = ("mask", "index", "dropless")
@@ -78,9 +79,10 @@ def dropless_moe(
     second-expert policy) are sorted past the last group and never computed.
     """
     if plan.choices is None:
-        raise ValueError(
-            "dispatch='dropless' needs token choice routing; expert choice has a fixed capacity "
-            "per expert by definition. Use dispatch='index' or 'mask'."
+        raise ConfigurationError(
+            "dispatch='dropless' needs a router whose tokens choose their experts (token "
+            "choice); this plan gives each expert a fixed number of tokens. Use dispatch='index' "
+            "or 'mask'."
         )
     num_groups, num_tokens, d_model = x.shape
     num_experts = plan.probs.shape[-1]

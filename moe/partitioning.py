@@ -18,6 +18,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from moe.errors import ConfigurationError
+
 MESH_AXES = ("data", "expert", "model")
 # The batch is split over both axes, expert-major (T5X's MoE partitioner).
 BATCH_MESH_AXES = ("expert", "data")
@@ -49,7 +51,9 @@ DEFAULT_LOGICAL_AXIS_RULES: LogicalRules = (
 def expert_axis_size(num_data_parallel: int, num_expert_partitions: int) -> int:
     """The largest divisor of the data-parallel size that is <= num_expert_partitions (T5X)."""
     if num_expert_partitions < 1:
-        raise ValueError(f"num_expert_partitions must be >= 1, got {num_expert_partitions}.")
+        raise ConfigurationError(
+            f"num_expert_partitions must be >= 1, got {num_expert_partitions}."
+        )
     for size in range(min(num_expert_partitions, num_data_parallel), 0, -1):
         if num_data_parallel % size == 0:
             return size
@@ -65,7 +69,7 @@ def make_mesh(
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
     if num_model_partitions < 1 or n % num_model_partitions:
-        raise ValueError(
+        raise ConfigurationError(
             f"NUM_MODEL_PARTITIONS={num_model_partitions} must divide the {n} devices; "
             f"choose one of {[d for d in range(1, n + 1) if n % d == 0]}."
         )
@@ -143,7 +147,7 @@ class Partitioner:
         for name, axes in self.logical_axis_rules:
             for axis in (axes,) if isinstance(axes, str) or axes is None else axes:
                 if axis is not None and axis not in MESH_AXES:
-                    raise ValueError(
+                    raise ConfigurationError(
                         f"Logical axis rule ({name!r}, {axes!r}) names mesh axis {axis!r}; "
                         f"the mesh axes are {MESH_AXES}."
                     )
@@ -217,7 +221,7 @@ class Partitioner:
                 axes = (axes,) if isinstance(axes, str) else axes or ()
                 parts = math.prod(self.mesh.shape[a] for a in axes)
                 if size % parts:
-                    raise ValueError(
+                    raise ConfigurationError(
                         f"Parameter {jax.tree_util.keystr(path)} has size {size} in dimension "
                         f"{dim}, which is sharded over mesh axes {axes} of total size {parts}; "
                         f"{size} is not divisible by {parts}. Change NUM_MODEL_PARTITIONS / "
@@ -292,7 +296,7 @@ class Partitioner:
         slices load the same shard (model-parallel replicas read identical data).
         """
         if batch_size % self.num_batch_shards:
-            raise ValueError(
+            raise ConfigurationError(
                 f"BATCH_SIZE={batch_size} is not divisible by the {self.num_batch_shards} batch "
                 f"shards of the mesh {dict(self.mesh.shape)}; use a multiple of "
                 f"{self.num_batch_shards}."

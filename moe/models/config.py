@@ -13,6 +13,7 @@ from typing import Any
 import gin
 import jax.numpy as jnp
 
+from moe.errors import ConfigurationError
 from moe.models.sparse_layout import sparse_layers
 from moe.routing import RouterSpec, TokenChoice  # importing registers every router with gin
 
@@ -135,9 +136,9 @@ class TransformerConfig:
         for name in sizes:
             value = getattr(self, name)
             if value < 1:
-                raise ValueError(f"TransformerConfig.{name} must be >= 1, got {value}.")
+                raise ConfigurationError(f"TransformerConfig.{name} must be >= 1, got {value}.")
         if not self.shared_embedding and self.logits_via_embedding:
-            raise ValueError(
+            raise ConfigurationError(
                 "shared_embedding=False needs logits_via_embedding=False: with two input "
                 "embeddings there is no single one to tie the output logits to."
             )
@@ -146,7 +147,7 @@ class TransformerConfig:
         self.decoder_layers_sparse()
         for sparse in (self.encoder_sparse, self.decoder_sparse):
             if sparse.num_sparse_layers and sparse.num_experts % sparse.num_expert_partitions:
-                raise ValueError(
+                raise ConfigurationError(
                     f"num_experts={sparse.num_experts} is not divisible by "
                     f"num_expert_partitions={sparse.num_expert_partitions}; pick "
                     "NUM_EXPERT_PARTITIONS dividing NUM_EXPERTS."
@@ -162,7 +163,7 @@ class TransformerConfig:
 
     def check_length(self, length: int, what: str) -> None:
         if self.max_length is not None and length > self.max_length:
-            raise ValueError(
+            raise ConfigurationError(
                 f"{what} has length {length}, longer than the configured max_length "
                 f"{self.max_length}; truncate the inputs (TASK_FEATURE_LENGTHS) or raise "
                 "max_length."

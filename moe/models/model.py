@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import seqio
 
+from moe.errors import ConfigurationError
 from moe.models import decoding
 from moe.models.config import TransformerConfig
 from moe.models.losses import cross_entropy_with_logits, moe_losses_and_metrics
@@ -202,13 +203,13 @@ class BaseModel(abc.ABC):
         `return_scores`, beam search also returns the length-normalized log-likelihoods.
         """
         if decode_method not in DECODE_METHODS:
-            raise ValueError(
+            raise ConfigurationError(
                 f"Unknown decode_method {decode_method!r}; use one of {DECODE_METHODS}."
             )
         if decode_method == "sample" and (rng is None or temperature <= 0):
-            raise ValueError("decode_method='sample' needs an rng and a temperature > 0.")
+            raise ConfigurationError("decode_method='sample' needs an rng and a temperature > 0.")
         if decode_method == "beam" and beam_size < 1:
-            raise ValueError(f"beam_size must be >= 1, got {beam_size}.")
+            raise ConfigurationError(f"beam_size must be >= 1, got {beam_size}.")
         return self._predict_jit(
             params, dict(batch), rng, decode_method, temperature, topk, beam_size, alpha,
             return_scores,

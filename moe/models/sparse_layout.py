@@ -10,6 +10,8 @@ For S sparse layers out of L:
 
 from __future__ import annotations
 
+from moe.errors import ConfigurationError
+
 LAYOUTS = ("BOTTOM", "TOP", "MIDDLE", "MIXED", "HF_SWITCH")
 
 
@@ -19,9 +21,9 @@ def sparse_layers(
     """For each of `num_layers` layers, whether its MLP is a MoE layer."""
     layout = layout.upper()
     if layout not in LAYOUTS:
-        raise ValueError(f"Unknown sparse layout {layout!r}; choose one of {LAYOUTS}.")
+        raise ConfigurationError(f"Unknown sparse layout {layout!r}; choose one of {LAYOUTS}.")
     if not 0 <= num_sparse_layers <= num_layers:
-        raise ValueError(
+        raise ConfigurationError(
             f"num_sparse_layers={num_sparse_layers} must be between 0 and the number of layers "
             f"({num_layers})."
         )
@@ -39,7 +41,7 @@ def sparse_layers(
         sparse = [i for i in range(num_layers) if step == 1 or i % step == 1]
     else:
         if num_layers % num_sparse_layers:
-            raise ValueError(
+            raise ConfigurationError(
                 f"MIXED layout needs num_sparse_layers ({num_sparse_layers}) to divide the "
                 f"number of layers ({num_layers}); change NUM_*_SPARSE_LAYERS or the layout."
             )
