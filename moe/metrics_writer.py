@@ -4,11 +4,21 @@ Only process 0 writes (multi-host runs would otherwise write every summary N tim
 metrics (per-expert load `[E]`, experts-per-token histograms) are written as one scalar per
 element, `<name>/<index>`, so TensorBoard plots them and the plotting script can read them back
 from `metrics.jsonl` without TensorFlow.
+
+A run that resumes from a checkpoint at step S may have logged steps past S before it died
+(metrics are logged every log period, checkpoints every checkpoint period). Those rows are
+replaced by the resumed run's, so `MetricsWriter(resume_step=S)` first drops them from
+`metrics.jsonl` (rewritten atomically) and marks the restart in TensorBoard with
+`SessionLog.START` events at step S + 1, on which TensorBoard's Python event loader purges the
+later steps (event files cannot be cut). TensorBoard's default data server needs no mark: a
+point at a step not larger than the last one it saw for a tag replaces every point from that
+step on.
 """
 
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -31,10 +41,82 @@ def to_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-class MetricsWriter:
-    """TensorBoard + `metrics.jsonl` under `log_dir`, and console progress lines."""
+def read_jsonl_records(path: str) -> tuple[list[dict[str, Any]], int]:
+    """The records of a metrics log, and how many lines were not JSON (a write cut by a kill)."""
+    records, torn = [], 0
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                torn += 1
+    return records, torn
 
-    def __init__(self, log_dir: str, total_steps: int | None = None):
+
+def rewrite_jsonl_atomically(path: str, records: list[dict[str, Any]]) -> None:
+    """Replace `path` by `records`, one JSON line each; a reader sees the old or the new file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(record) + "\n" for record in records)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def discard_records_after(path: str, step: int) -> int:
+    """Drop the records of `path` logged past `step` (and torn lines); returns how many went.
+
+    The file is left untouched when there is nothing to drop.
+    """
+    if not os.path.exists(path):
+        return 0
+    records, torn = read_jsonl_records(path)
+    kept = [r for r in records if r.get("step", 0) <= step]
+    dropped = len(records) - len(kept) + torn
+    if dropped:
+        rewrite_jsonl_atomically(path, kept)
+    return dropped
+
+
+def write_tensorboard_restart(log_dir: str, step: int) -> str:
+    """An event file that marks a restart at `step` for TensorBoard's event loader; its path.
+
+    The loader reads a run's files in name order; on a `SessionLog.START` event at step s it
+    purges the points at steps >= s read so far, except on the first START of a run (which a
+    TensorFlow 1 session wrote when it began; TensorFlow 2 writers write none). The file holds
+    two, both at `step + 1`: the second purges whether or not an earlier restart left a START.
+    Its name sorts after the dead run's files (an earlier second) and before the file the new
+    TensorFlow writer opens next (same second, host and process id, then a longer name).
+    """
+    import tensorflow as tf
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    now = time.time()
+    name = f"events.out.tfevents.{int(now)}.{socket.gethostname()}.{os.getpid()}"
+    path = os.path.join(log_dir, name)
+    start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+    events = [event_pb2.Event(wall_time=now, file_version="brain.Event:2")] + [
+        event_pb2.Event(wall_time=now, step=step + 1, session_log=start)] * 2
+    with tf.io.gfile.GFile(path, "wb") as f:
+        records = RecordWriter(f)
+        for event in events:
+            records.write(event.SerializeToString())
+    return path
+
+
+class MetricsWriter:
+    """TensorBoard + `metrics.jsonl` under `log_dir`, and console progress lines.
+
+    `resume_step`: the step this run starts from; rows a previous run logged past it are
+    dropped before anything is written (see the module doc).
+    """
+
+    def __init__(
+        self, log_dir: str, total_steps: int | None = None, resume_step: int | None = None
+    ):
         self.log_dir = log_dir
         self.total_steps = total_steps
         self.is_primary = jax.process_index() == 0
@@ -42,10 +124,22 @@ class MetricsWriter:
         self._jsonl = None
         if self.is_primary:
             os.makedirs(log_dir, exist_ok=True)
+            path = os.path.join(log_dir, "metrics.jsonl")
+            if resume_step is not None:
+                self._discard_after(path, resume_step)
             self._writer = metric_writers.create_default_writer(log_dir, asynchronous=False)
-            self._jsonl = open(os.path.join(log_dir, "metrics.jsonl"), "a")  # noqa: SIM115
+            self._jsonl = open(path, "a")  # noqa: SIM115
         self._last_time: float | None = None
         self._last_step: int | None = None
+        self._console_time = time.monotonic()
+        self._console_step: int | None = None
+
+    def _discard_after(self, path: str, step: int) -> None:
+        dropped = discard_records_after(path, step)
+        if dropped:
+            write_tensorboard_restart(self.log_dir, step)
+            print(f"Dropped {dropped} metrics rows logged past step {step}, where this run "
+                  f"starts, from {path}.", flush=True)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
         """Write `metrics` at `step` (process 0 only); returns them as floats."""
@@ -78,7 +172,31 @@ class MetricsWriter:
         rate = scalars.get("timing/steps_per_second")
         if rate and self.total_steps:
             parts.append(f"ETA {max(0, self.total_steps - step) / rate:.0f}s")
-        line = ", ".join(parts)
+        return self._print(step, ", ".join(parts))
+
+    def seconds_since_console(self) -> float:
+        """Wall time since the last console line (or since this writer was made)."""
+        return time.monotonic() - self._console_time
+
+    def progress(self, step: int, mean_loss: float | None = None) -> str:
+        """Log a progress line between log periods: step, loss, steps/s and ETA; no metrics row.
+
+        The rate is over the steps since the previous console line, so the compilation of the
+        first step is not in it once that step has been logged.
+        """
+        parts = [f"[progress] step {step}" + (f"/{self.total_steps}" if self.total_steps else "")]
+        if mean_loss is not None:
+            parts.append(f"loss {mean_loss:.4f}")
+        seconds = self.seconds_since_console()
+        if self._console_step is not None and step > self._console_step and seconds > 0:
+            rate = (step - self._console_step) / seconds
+            parts.append(f"{rate:.2f} steps/s")
+            if self.total_steps:
+                parts.append(f"ETA {max(0, self.total_steps - step) / rate:.0f}s")
+        return self._print(step, ", ".join(parts))
+
+    def _print(self, step: int, line: str) -> str:
+        self._console_time, self._console_step = time.monotonic(), step
         if self.is_primary:
             logging.info(line)
             print(line, flush=True)
@@ -91,4 +209,11 @@ class MetricsWriter:
             self._jsonl.close()
 
 
-__all__ = ["MetricsWriter", "to_scalars"]
+__all__ = [
+    "MetricsWriter",
+    "discard_records_after",
+    "read_jsonl_records",
+    "rewrite_jsonl_atomically",
+    "to_scalars",
+    "write_tensorboard_restart",
+]

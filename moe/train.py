@@ -45,9 +45,14 @@ def input_shapes_for(
     return {name: (batch_size, length) for name, length in lengths.items()}
 
 
-def make_eval_fn(trainer, cfg, feature_converter, layout, model_dir, eval_steps, inference_eval):
-    """`eval_fn(state, step)`: teacher-forced metrics on `cfg` (and seqio.Evaluator metrics)."""
-    writer = MetricsWriter(os.path.join(model_dir, "training_eval", cfg.mixture_or_task_name))
+def make_eval_fn(trainer, cfg, feature_converter, layout, model_dir, eval_steps, inference_eval,
+                 resume_step=None):
+    """`eval_fn(state, step)`: teacher-forced metrics on `cfg` (and seqio.Evaluator metrics).
+
+    `resume_step`: eval rows a previous run logged past it are dropped (`MetricsWriter`).
+    """
+    writer = MetricsWriter(os.path.join(model_dir, "training_eval", cfg.mixture_or_task_name),
+                           resume_step=resume_step)
 
     def eval_fn(state, step):
         ds = data.get_dataset(cfg, feature_converter, layout.shard_id, layout.num_shards,
@@ -86,6 +91,7 @@ def train(
     keep_checkpoints: int | None = None,
     async_checkpoints: bool = True,
     log_period: int = 100,
+    progress_interval_s: float | None = 30.0,
     initial_checkpoint_path: str | None = None,
     assignment_map: checkpoints.AssignmentMap = (),
     fallback_to_scratch: bool = False,
@@ -104,6 +110,8 @@ def train(
     takes is an error. `use_checkpoint_optimizer_state`: Adafactor's statistics come from the
     checkpoint when they fit the model's optimizer (T5X restores them too), else the
     optimizer starts fresh; either way a line says which (`moe.optimizer_transfer`).
+    `progress_interval_s`: between log periods, a console progress line (step, steps/s, ETA)
+    at least this often (None: only every `log_period`).
     Returns `{'reason': 'done' | 'preempted', 'step': int, 'eval': last eval scalars or None}`.
     """
     checkpoints.directory_is_writable(model_dir)
@@ -159,19 +167,23 @@ def train(
             f.write(f"mesh {dict(partitioner.mesh.shape)}\n{table}\n")
         print(table.splitlines()[-1], f"on mesh {dict(partitioner.mesh.shape)}", flush=True)
 
-    writer = MetricsWriter(os.path.join(model_dir, "train"), total_steps=train_steps)
+    # Rows logged past the step this run starts from (by a run killed after its last
+    # checkpoint) are dropped: the steps are trained again.
+    start_step = int(jax.device_get(state["step"]))
+    writer = MetricsWriter(os.path.join(model_dir, "train"), total_steps=train_steps,
+                           resume_step=start_step)
     eval_fn = None
     last_eval: dict[str, Any] = {}
     if eval_dataset_cfg is not None:
         evaluate = make_eval_fn(trainer, eval_dataset_cfg, converter, layout, model_dir,
-                                eval_steps, inference_eval)
+                                eval_steps, inference_eval, resume_step=start_step)
         eval_fn = lambda s, step: last_eval.update(evaluate(s, step))
     # Tokens per step: every input and target position of the batch (padding included).
     tokens = train_dataset_cfg.batch_size * sum(train_dataset_cfg.task_feature_lengths.values())
     state, reason = train_loop(
         trainer, state, batches, train_steps, checkpointer, writer,
         log_period=log_period, eval_period=eval_period, eval_fn=eval_fn,
-        tokens_per_batch=tokens,
+        tokens_per_batch=tokens, progress_interval_s=progress_interval_s,
     )
     writer.close()
     checkpointer.close()

@@ -6,7 +6,8 @@ directly into its shardings (the partitioner's logical-axis rules), and compiles
 `jax.jit(in_shardings, out_shardings)`.
 
 `train_loop` drives it: batches from a resumable iterator, checkpoints every period (with the
-iterator position), metrics every log period, evaluation every eval period, a clean checkpoint
+iterator position), metrics averaged over each log period (with a progress line at least every
+`progress_interval_s` in between), evaluation every eval period, a clean checkpoint
 and exit on SIGTERM (preemption), and a stop with a clear message on a non-finite loss (the
 last good checkpoint is left as it was).
 """
@@ -14,7 +15,6 @@ last good checkpoint is left as it was).
 import logging
 import math
 import signal
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -304,6 +304,57 @@ def log_param_table(params: Any, logical_specs: Any, shardings: Any) -> str:
     return "\n".join(lines)
 
 
+class PeriodMetrics:
+    """The train metrics averaged over the steps of a log period, as T5X logs them.
+
+    Each step's metrics are added on the device (asynchronous, no transfer); the host reads
+    the sums once per period. `learning_rate` is the last step's (the schedule's value where
+    the row is logged), and `loss_last_step` keeps the last step's loss next to the mean.
+    """
+
+    LAST_STEP_METRICS = ("learning_rate",)
+
+    def __init__(self):
+        self._add = jax.jit(lambda total, metrics: jax.tree.map(jnp.add, total, metrics))
+        self._sum: dict[str, jax.Array] | None = None
+        self._last: dict[str, jax.Array] = {}
+        self._count = 0
+
+    def add(self, metrics: Mapping[str, jax.Array]) -> None:
+        metrics = dict(metrics)
+        self._sum = metrics if self._sum is None else self._add(self._sum, metrics)
+        self._last = metrics
+        self._count += 1
+
+    def pop_means(self) -> dict[str, np.ndarray]:
+        """The period's means (one device-to-host transfer); starts the next period."""
+        if not self._count:
+            raise ValueError("No step was added since the last log.")
+        sums, last = jax.device_get((self._sum, {
+            **{k: self._last[k] for k in self.LAST_STEP_METRICS if k in self._last},
+            "loss_last_step": self._last["loss"],
+        }))
+        means = {k: np.asarray(v) / self._count for k, v in sums.items()}
+        self._sum, self._last, self._count = None, {}, 0
+        return {**means, **last}
+
+
+class LossSinceLastLine:
+    """The mean host-side loss since the last console line, for the progress lines."""
+
+    def __init__(self):
+        self.total, self.count = 0.0, 0
+
+    def add(self, loss: float) -> None:
+        self.total += loss
+        self.count += 1
+
+    def pop_mean(self) -> float | None:
+        mean = self.total / self.count if self.count else None
+        self.total, self.count = 0.0, 0
+        return mean
+
+
 def train_loop(
     trainer: Trainer,
     state: State,
@@ -315,14 +366,20 @@ def train_loop(
     eval_period: int | None = None,
     eval_fn: Callable[[State, int], None] | None = None,
     tokens_per_batch: int | None = None,
+    progress_interval_s: float | None = 30.0,
 ) -> tuple[State, str]:
     """Train until `train_steps`; returns `(state, reason)` with reason 'done' or 'preempted'.
 
     `batches` must have `get_state()` (see `moe.data.ResumableIterator`) when checkpointing.
     Raises `NonFiniteLossError` at the first NaN/Inf loss, without saving that state.
+    Metrics rows (every `log_period` steps, and the first step) hold the means over the steps
+    since the previous row. Between rows, a console line (step, loss, steps/s, ETA) is printed
+    once `progress_interval_s` seconds have passed since the last one (None: never).
     """
     step = start = int(jax.device_get(state["step"]))
     partitioner = trainer.partitioner
+    period = PeriodMetrics()
+    progress_loss = LossSinceLastLine()
 
     def save(force: bool) -> None:
         if checkpointer is not None:
@@ -358,17 +415,16 @@ def train_loop(
                     f"last good checkpoint (step {last}) is intact. Lower the learning rate, "
                     "enable gradient clipping, or check the data of this step."
                 )
-            first = step == start + 1  # log the first step too: where the loss starts
-            if writer is not None and (step % log_period == 0 or step == train_steps or first):
-                extra = writer.timing(step)
-                if first:  # compilation included: report it as such, not as a rate
-                    extra = {"timing/first_step_seconds": 1 / extra["timing/steps_per_second"]}
-                if tokens_per_batch and "timing/steps_per_second" in extra:
-                    extra["timing/tokens_per_second"] = (
-                        extra["timing/steps_per_second"] * tokens_per_batch
-                    )
-                scalars = writer.write(step, {**jax.device_get(metrics), **extra})
-                writer.console(step, scalars)
+            if writer is not None:
+                period.add(metrics)
+                progress_loss.add(loss)
+                first = step == start + 1  # log the first step too: where the loss starts
+                if step % log_period == 0 or step == train_steps or first:
+                    _log_period(writer, step, period.pop_means(), first, tokens_per_batch)
+                    progress_loss.pop_mean()
+                elif (progress_interval_s is not None
+                      and writer.seconds_since_console() >= progress_interval_s):
+                    writer.progress(step, progress_loss.pop_mean())
             save(force=step == train_steps)
             if eval_fn is not None and eval_period and (
                 step % eval_period == 0 or step == train_steps
@@ -379,16 +435,21 @@ def train_loop(
     return state, "done"
 
 
-def time_first_step(trainer: Trainer, state: State, batch) -> tuple[State, float]:
-    """Run one train step and return (state, seconds including compilation)."""
-    start = time.perf_counter()
-    state, metrics = trainer.train_step(state, trainer.partitioner.shard_batch(batch))
-    jax.block_until_ready(metrics)
-    return state, time.perf_counter() - start
+def _log_period(writer: MetricsWriter, step: int, means: Mapping[str, Any], first: bool,
+                tokens_per_batch: int | None) -> None:
+    """One metrics row and console line: the period's means plus its timing."""
+    extra = writer.timing(step)
+    if first:  # compilation included: report it as such, not as a rate
+        extra = {"timing/first_step_seconds": 1 / extra["timing/steps_per_second"]}
+    if tokens_per_batch and "timing/steps_per_second" in extra:
+        extra["timing/tokens_per_second"] = extra["timing/steps_per_second"] * tokens_per_batch
+    scalars = writer.write(step, {**means, **extra})
+    writer.console(step, scalars)
 
 
 __all__ = [
     "NonFiniteLossError",
+    "PeriodMetrics",
     "PreemptionWatcher",
     "Trainer",
     "count_params",

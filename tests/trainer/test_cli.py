@@ -101,6 +101,9 @@ def test_sigkill_then_restart_gives_the_uninterrupted_losses(tmp_path):
     assert f"Resuming from step {steps[-1]}" in output
     a, b = _losses(tmp_path / "a"), _losses(killed_dir)
     assert sorted(a) == sorted(b) == list(range(1, 41))
+    # The rows the killed run logged past its checkpoint were dropped on resume.
+    with open(killed_dir / "train" / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == list(range(1, 41))
     for step in range(1, 41):
         assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
 
