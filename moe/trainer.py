@@ -28,6 +28,7 @@ import optax
 from moe import distributed, optimizers
 from moe.checkpoints import Checkpointer, flatten_params
 from moe.metrics_writer import MetricsWriter
+from moe.models.param_count import total_size
 from moe.partitioning import Partitioner
 
 State = dict[str, Any]
@@ -280,10 +281,6 @@ class PreemptionWatcher:
         return False
 
 
-def count_params(params: Any) -> int:
-    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(params)))
-
-
 def log_param_table(params: Any, logical_specs: Any, shardings: Any) -> str:
     """One line per parameter: path, shape, logical axes, mesh sharding; then the total."""
     flat = flatten_params(params)
@@ -300,7 +297,7 @@ def log_param_table(params: Any, logical_specs: Any, shardings: Any) -> str:
         f"{k:<{width}}  {tuple(v.shape)!s:<18} {specs.get(k, '')!s:<36} {shards.get(k, '')}"
         for k, v in flat.items()
     ]
-    lines.append(f"Total parameters: {count_params(params):,}")
+    lines.append(f"Total parameters: {total_size(params):,}")
     return "\n".join(lines)
 
 
@@ -452,7 +449,6 @@ __all__ = [
     "PeriodMetrics",
     "PreemptionWatcher",
     "Trainer",
-    "count_params",
     "log_param_table",
     "train_loop",
 ]

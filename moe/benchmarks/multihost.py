@@ -103,7 +103,7 @@ def run_layout(layout: str, args: argparse.Namespace, workdir: str) -> dict:
         "steps_per_second_windows": rates,
         "first_step_seconds": first,
         "wall_seconds": wall,
-        "final_loss": records[-1]["loss"],
+        "final_loss": records[-1]["loss_last_step"],
     }
 
 

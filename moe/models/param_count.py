@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -27,6 +28,11 @@ class ParameterCount:
 def experts_per_token(sparse: SparseConfig) -> float:
     """Average experts a token is processed by (without drops)."""
     return sparse.router.experts_per_token
+
+
+def total_size(params: Any) -> int:
+    """Number of scalars in a tree of arrays (or shape structs)."""
+    return int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params)))
 
 
 def abstract_params(model: BaseModel, length: int = 8) -> dict:
