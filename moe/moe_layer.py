@@ -13,12 +13,14 @@ flaxformer's `_num_groups` and its padding of the batch or length so that checkp
 there route the same tokens together here.
 """
 
+import functools
 import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 from moe.dispatch import BUFFERED_DISPATCH, DISPATCH_NAMES, dropless_moe
 from moe.errors import ConfigurationError
@@ -83,6 +85,18 @@ def flaxformer_group_shape(
 GROUP_FORMULAS = ("fewest", "flaxformer")
 
 
+@functools.cache
+def _warn_capacity_leak(router: RouterSpec) -> None:
+    """Say once per router configuration that it leaks the future through capacity."""
+    logging.warning(
+        "%s in a causal stack: with a capacity, a later token's first choice can take the slot "
+        "an earlier token's second choice needed, so training leaks the future through "
+        "capacity (as GShard and flaxformer decoders do). TokenChoice.fill_order='token' or "
+        "dispatch='dropless' is causal; allow_causal=True silences this warning.",
+        router,
+    )
+
+
 class MoeLayer(nn.Module):
     """Sparse feed-forward block: a router and `num_experts` stacked expert MLPs.
 
@@ -98,7 +112,8 @@ class MoeLayer(nn.Module):
         number of groups is a multiple of it, and E must be divisible by it.
       expert_dropout_rate: dropout inside the experts (training only).
       dtype: activation dtype of the experts (the router always computes in float32).
-      causal: True inside a causal decoder: routers that look at later tokens are refused.
+      causal: True inside a causal decoder: routers that look at later tokens are refused,
+        those that leak through capacity are warned about (see `moe.routing.Causality`).
       kernel_init_scale: variance scale of the expert kernels (T5X MoE configs use 0.1).
       group_formula: 'fewest' (`group_shape`) or 'flaxformer' (`flaxformer_group_shape`).
       num_expert_replicas: the replica count of the 'flaxformer' formula.
@@ -149,7 +164,13 @@ class MoeLayer(nn.Module):
             raise ConfigurationError(
                 f"num_expert_replicas must be >= 1, got {self.num_expert_replicas}."
             )
-        if self.causal and not self.router.causal_safe and not self.router.allow_causal:
+        if self.causal and not self.router.allow_causal:
+            self._check_causality()
+
+    def _check_causality(self) -> None:
+        """Refuse routers that look ahead in a causal stack; warn once about capacity leaks."""
+        causality = self.router.causality
+        if causality == "looks_ahead":
             raise ConfigurationError(
                 f"{type(self.router).__name__} compares tokens across the whole group (expert "
                 "choice or batch-prioritized routing), so in a causal decoder a token's routing "
@@ -157,6 +178,8 @@ class MoeLayer(nn.Module):
                 "batch_prioritized in the decoder, or set allow_causal=True on the router to "
                 "accept the leakage knowingly."
             )
+        if causality == "leaks_through_capacity" and self.dispatch != "dropless":
+            _warn_capacity_leak(self.router)
 
     @nn.compact
     def __call__(

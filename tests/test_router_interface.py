@@ -17,7 +17,15 @@ from moe.errors import ConfigurationError
 from moe.models.config import SparseConfig
 from moe.models.param_count import count_parameters
 from moe.moe_layer import MoeLayer
-from moe.routing import NO_NOISE, ROUTERS, RouterSpec, RoutingPlan, losses, register_router
+from moe.routing import (
+    NO_NOISE,
+    ROUTERS,
+    RouterSpec,
+    RoutingPlan,
+    TokenChoice,
+    losses,
+    register_router,
+)
 from moe.routing.plan import real_mask
 from moe.routing.token_choice import TokenChoices, slots_from_choices
 from tests.models.helpers import encdec_model, tiny_config
@@ -32,7 +40,7 @@ class PositionHashRouter:
     ignore_padding_tokens: bool = True
     allow_causal: bool = False
 
-    causal_safe = True
+    causality = "causal"
     supports_dropless = True
     experts_per_token = 1.0
 
@@ -102,16 +110,33 @@ def test_a_new_router_runs_in_every_dispatch_and_they_agree():
 
 
 @pytest.mark.parametrize("name", sorted(ROUTERS))
-def test_causal_stacks_accept_exactly_the_causal_safe_routers(name):
+def test_causal_stacks_refuse_routers_that_look_ahead(name):
     spec = ROUTERS[name]()
     layer = MoeLayer(4, 16, router=spec, causal=True)
-    if spec.causal_safe:
-        layer.check_config()
-    else:
+    if spec.causality == "looks_ahead":
         with pytest.raises(ConfigurationError, match="leaks the future"):
             layer.check_config()
-        MoeLayer(4, 16, router=dataclasses.replace(spec, allow_causal=True), causal=True
-                 ).check_config()
+    else:
+        layer.check_config()
+    MoeLayer(4, 16, router=dataclasses.replace(spec, allow_causal=True), causal=True
+             ).check_config()
+
+
+def test_capacity_leaks_are_warned_once_and_not_for_causal_fill_orders(caplog):
+    leaky = TokenChoice(2, capacity_factor=1.1)
+    for _ in range(2):
+        MoeLayer(4, 16, router=leaky, causal=True).check_config()
+    warned = [r for r in caplog.records if "leaks the future through capacity" in r.getMessage()]
+    assert len(warned) == 1
+    for quiet in (
+        MoeLayer(4, 16, router=dataclasses.replace(leaky, fill_order="token"), causal=True),
+        MoeLayer(4, 16, router=leaky, causal=True, dispatch="dropless"),
+        MoeLayer(4, 16, router=dataclasses.replace(leaky, allow_causal=True), causal=True),
+        MoeLayer(4, 16, router=dataclasses.replace(leaky, min_capacity=5), causal=False),
+    ):
+        quiet.check_config()
+    warned = [r for r in caplog.records if "leaks the future through capacity" in r.getMessage()]
+    assert len(warned) == 1
 
 
 def test_parameter_counts_read_experts_per_token_from_the_router():

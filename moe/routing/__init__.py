@@ -17,15 +17,17 @@ One module per router, each implementing the `RouterSpec` interface and register
 
 from moe.routing.capped_expert_choice import CappedExpertChoice, route_capped_experts_choose
 from moe.routing.expert_choice import ExpertChoice, route_experts_choose
-from moe.routing.interface import NO_NOISE, RouterNoise, RouterSpec
+from moe.routing.interface import CAUSALITIES, NO_NOISE, Causality, RouterNoise, RouterSpec
 from moe.routing.plan import RoutingPlan, TokenChoices, expert_capacity
 from moe.routing.registry import ROUTERS, register_router
 from moe.routing.token_choice import TokenChoice, route_tokens_choose
 
 __all__ = [
+    "CAUSALITIES",
     "NO_NOISE",
     "ROUTERS",
     "CappedExpertChoice",
+    "Causality",
     "ExpertChoice",
     "RouterNoise",
     "RouterSpec",

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from moe.routing import losses
-from moe.routing.interface import NO_NOISE, RouterNoise
+from moe.routing.interface import NO_NOISE, Causality, RouterNoise
 from moe.routing.plan import (
     CapacityFormula,
     RoutingPlan,
@@ -80,8 +80,9 @@ class ExpertChoice:
     capacity_formula: CapacityFormula = "scaled"
 
     @property
-    def causal_safe(self) -> bool:
-        return False
+    def causality(self) -> Causality:
+        """Each expert ranks all tokens of the group, later ones included."""
+        return "looks_ahead"
 
     @property
     def supports_dropless(self) -> bool:

@@ -10,7 +10,7 @@ none of them branches on the router's type. Register a new router with
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import jax
 
@@ -34,6 +34,19 @@ class RouterNoise:
 
 NO_NOISE = RouterNoise()
 
+# How a token's routing can depend on later tokens of its routing group:
+#   'causal'                  never: the router may run in a causal decoder.
+#   'leaks_through_capacity'  only through capacity: a later token can take a slot an earlier
+#                             token's lower-ranked choice would have had (rank-major top-k, as
+#                             GShard and flaxformer run their decoders). Warned in causal stacks.
+#   'looks_ahead'             the routing compares tokens across the group (expert choice,
+#                             batch-prioritized routing). Refused in causal stacks.
+# Dropless dispatch has no capacity, so 'leaks_through_capacity' is causal there. Groups cut the
+# flattened batch, so with several sequences per group a sequence's capacity is shared with the
+# sequences before it (as in T5X); group size = sequence length keeps sequences apart.
+Causality = Literal["causal", "leaks_through_capacity", "looks_ahead"]
+CAUSALITIES = ("causal", "leaks_through_capacity", "looks_ahead")
+
 
 @runtime_checkable
 class RouterSpec(Protocol):
@@ -42,18 +55,18 @@ class RouterSpec(Protocol):
     Attributes:
       ignore_padding_tokens: padding is never routed (True), or routed like a real token so it
         can take capacity (False: flaxformer's default, for parity with its checkpoints).
-      allow_causal: accept the router in a causal stack although it is not `causal_safe`.
+      allow_causal: accept the router in a causal stack although it is not causal (and do not
+        warn about it).
     """
 
     ignore_padding_tokens: bool
     allow_causal: bool
 
     @property
-    def causal_safe(self) -> bool:
-        """Whether a token's routing never depends on later tokens of its group.
+    def causality(self) -> Causality:
+        """Whether and how a token's routing depends on later tokens of its group (above).
 
-        A router that is not causal-safe leaks the future in a causal decoder; the layer refuses
-        it there unless `allow_causal`.
+        Checked by a property test that perturbs later tokens inside a causal decoder.
         """
         ...
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from moe.errors import ConfigurationError
 from moe.routing import losses
-from moe.routing.interface import NO_NOISE, RouterNoise
+from moe.routing.interface import NO_NOISE, Causality, RouterNoise
 from moe.routing.plan import (
     CapacityFormula,
     RoutingPlan,
@@ -31,6 +31,7 @@ from moe.routing.plan import (
 from moe.routing.registry import register_router
 
 SecondExpertPolicy = Literal["all", "random", "sampling"]
+FillOrder = Literal["rank", "token"]
 JitterTarget = Literal["inputs", "logits"]
 SECOND_EXPERT_POLICIES = ("all", "random", "sampling")
 
@@ -42,10 +43,14 @@ def slots_from_choices(
     priority_order: jax.Array | None,  # [G, T] token permutation, or None for token order
     num_experts: int,
     capacity: int,
+    fill_order: FillOrder = "rank",
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Fill expert buffers in priority order: every rank-1 choice before any rank-2 choice.
+    """Fill expert buffers in priority order.
 
-    Within a rank, tokens are taken in `priority_order` (BPR) or in token order. Returns
+    'rank' (GShard, flaxformer): every rank-1 choice before any rank-2 choice, so a later
+    token's first choice can take the slot an earlier token's second choice needed. 'token':
+    all of a token's choices before the next token's, so a token's slots depend on earlier
+    tokens only. Tokens are taken in `priority_order` (BPR) or in token order. Returns
     (slot_token [G,E,C], slot_weight [G,E,C], kept [G,T,k]).
     """
     num_groups, num_tokens, k = experts.shape
@@ -54,10 +59,12 @@ def slots_from_choices(
         take = lambda a: jnp.take_along_axis(a, priority_order[..., None], axis=1)
         experts, gates, selected = take(experts), take(gates), take(selected)
         token_ids = jnp.take_along_axis(token_ids, priority_order, axis=1)
-    # Rank-major order: [G, k, T] -> [G, k*T].
-    rank_major = lambda a: jnp.swapaxes(a, 1, 2).reshape(num_groups, k * num_tokens)
-    flat_experts, flat_gates, flat_selected = map(rank_major, (experts, gates, selected))
-    flat_tokens = jnp.tile(token_ids, (1, k))
+    if fill_order == "rank":  # [G, k, T] -> [G, k*T]
+        flatten = lambda a: jnp.swapaxes(a, 1, 2).reshape(num_groups, k * num_tokens)
+    else:  # [G, T, k] -> [G, T*k]
+        flatten = lambda a: a.reshape(num_groups, num_tokens * k)
+    flat_experts, flat_gates, flat_selected = map(flatten, (experts, gates, selected))
+    flat_tokens = flatten(jnp.broadcast_to(token_ids[..., None], experts.shape))
     one_hot = jax.nn.one_hot(flat_experts, num_experts, dtype=jnp.int32) * flat_selected[..., None]
     # Position of each assignment inside its expert's buffer.  # [G, k*T]
     position = jnp.sum((jnp.cumsum(one_hot, axis=1) - 1) * one_hot, axis=-1)
@@ -72,7 +79,10 @@ def slots_from_choices(
         .at[groups, flat_experts, slot_pos]
         .set(flat_gates, mode="drop")
     )
-    kept = jnp.swapaxes(flat_kept.reshape(num_groups, k, num_tokens), 1, 2)
+    if fill_order == "rank":
+        kept = jnp.swapaxes(flat_kept.reshape(num_groups, k, num_tokens), 1, 2)
+    else:
+        kept = flat_kept.reshape(num_groups, num_tokens, k)
     if priority_order is not None:
         inverse = jnp.argsort(priority_order, axis=1)
         kept = jnp.take_along_axis(kept, inverse[..., None], axis=1)
@@ -89,6 +99,7 @@ def route_tokens_choose(
     second_expert_policy: SecondExpertPolicy = "all",
     normalize_gates: bool = False,
     rng: jax.Array | None = None,
+    fill_order: FillOrder = "rank",
 ) -> RoutingPlan:
     """Token choice top-k routing (k=1 Switch, k=2 GShard) with per-group expert capacity.
 
@@ -138,7 +149,7 @@ def route_tokens_choose(
         top1_prob = jnp.where(real, raw_gates[..., 0], -1.0)
         priority_order = jnp.argsort(-top1_prob, axis=1, stable=True)
     slot_token, slot_weight, kept = slots_from_choices(
-        experts, gates, selected, priority_order, num_experts, capacity
+        experts, gates, selected, priority_order, num_experts, capacity, fill_order
     )
     top_k_mask = jnp.sum(jax.nn.one_hot(experts, num_experts), axis=2)  # [G, T, E] pre-capacity
     return RoutingPlan(
@@ -166,6 +177,11 @@ class TokenChoice:
         `expert_capacity`.
       batch_prioritized: BPR, most confident tokens first. Looks at the whole group, so it is
         refused in causal stacks unless `allow_causal`.
+      fill_order: 'rank' (GShard, flaxformer: every token's first choice before any second
+        choice) or 'token' (each token's k choices before the next token's). With k > 1 and a
+        capacity, 'rank' lets a later token's first choice displace an earlier token's second
+        choice: a causal decoder then leaks the future through capacity (warned); 'token' is
+        causal within a routing group.
       second_expert_policy: 'all', 'random' (GShard: keep rank 2 iff 2*g2 > u) or 'sampling'.
       normalize_gates: renormalize the combine weights over the chosen k (GShard) instead of the
         raw softmax probabilities (Switch, flaxformer).
@@ -188,11 +204,15 @@ class TokenChoice:
     jitter_on: JitterTarget = "inputs"
     allow_causal: bool = False
     ignore_padding_tokens: bool = True
+    fill_order: FillOrder = "rank"
 
     @property
-    def causal_safe(self) -> bool:
-        """BPR orders a group's tokens by confidence, so a token's slot depends on later ones."""
-        return not self.batch_prioritized
+    def causality(self) -> Causality:
+        if self.batch_prioritized:  # orders the group's tokens by confidence: looks ahead
+            return "looks_ahead"
+        if self.num_selected_experts > 1 and self.fill_order == "rank":
+            return "leaks_through_capacity"
+        return "causal"
 
     @property
     def supports_dropless(self) -> bool:
@@ -222,6 +242,10 @@ class TokenChoice:
             raise ConfigurationError(
                 f"Unknown second_expert_policy {self.second_expert_policy!r}; "
                 "use 'all', 'random' or 'sampling'."
+            )
+        if self.fill_order not in ("rank", "token"):
+            raise ConfigurationError(
+                f"Unknown TokenChoice.fill_order {self.fill_order!r}; use 'rank' or 'token'."
             )
         if self.jitter_on not in ("inputs", "logits"):
             raise ConfigurationError(
@@ -260,4 +284,5 @@ class TokenChoice:
             second_expert_policy=self.second_expert_policy,
             normalize_gates=self.normalize_gates,
             rng=None if deterministic else rng,
+            fill_order=self.fill_order,
         )
