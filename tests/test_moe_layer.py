@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from moe.moe_layer import MoeLayer, group_shape
-from moe.routing import CappedExpertChoice, ExpertChoice, TokenChoice
+from moe.routing import CappedExpertChoice, ExpertChoice, SigmoidTokenChoice, TokenChoice
 from moe.routing.metrics import SCALAR_KEYS
 from moe.routing.shell import Router
 
@@ -19,6 +19,10 @@ ROUTERS = {
     "top2_bpr": TokenChoice(2, capacity_factor=4.0, batch_prioritized=True),
     "expert_choice": ExpertChoice(2.0),
     "capped_ec": CappedExpertChoice(2.0, max_experts_per_token=3),
+    "sigmoid_top2_grouped": SigmoidTokenChoice(
+        2, capacity_factor=4.0, routed_scaling_factor=2.5, num_expert_groups=4,
+        num_selected_groups=2, balance_loss=True,
+    ),
     # Capacity too small: tokens are dropped, and mask and index must drop the same ones.
     "top2_with_drops": TokenChoice(2, capacity_factor=0.5, min_capacity=1),
 }
@@ -56,7 +60,7 @@ def test_mask_index_dropless_agree_forward_and_grads(router, activation):
     spec = ROUTERS[router]
     x = _inputs()
     drops = router.endswith("with_drops")
-    dropless_ok = isinstance(spec, TokenChoice) and not drops
+    dropless_ok = spec.supports_dropless and not drops
     dispatches = ["mask", "index"] + (["dropless"] if dropless_ok else [])
     results = {}
     for dispatch in dispatches:
@@ -65,7 +69,7 @@ def test_mask_index_dropless_agree_forward_and_grads(router, activation):
         params = init(layer, x)
         results[dispatch] = _loss_and_grads(layer, params, x)
     ref = results["index"]
-    if isinstance(spec, TokenChoice):  # dropless equals capacity modes only without drops
+    if spec.supports_dropless:  # dropless equals capacity modes only without drops
         layer = MoeLayer(8, 32, router=spec, activation=activation, max_group_size=48)
         _, state = jitted(layer)({"params": params}, x)
         dropped = state["moe"]["diagnostics"][0]["drop_fraction_by_rank"]

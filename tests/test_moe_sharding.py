@@ -9,12 +9,16 @@ import pytest
 
 from moe.moe_layer import MoeLayer
 from moe.partitioning import Partitioner
-from moe.routing import ExpertChoice, TokenChoice
+from moe.routing import ExpertChoice, SigmoidTokenChoice, TokenChoice
 
 ROUTERS = {
     "top1": TokenChoice(1, capacity_factor=1.0),
     "top2": TokenChoice(2, capacity_factor=1.25, batch_prioritized=True),
     "expert_choice": ExpertChoice(2.0),
+    "sigmoid_grouped": SigmoidTokenChoice(
+        4, routed_scaling_factor=2.5, num_expert_groups=4, num_selected_groups=2,
+        balance_loss=True,
+    ),
 }
 MESHES = {"data2_expert4": 4, "expert8": 8}
 

@@ -9,6 +9,7 @@ One module per router, each implementing the `RouterSpec` interface and register
     token_choice.py          TokenChoice: top-k (Switch k=1, GShard k=2), BPR, 2nd-expert policies
     expert_choice.py         ExpertChoice: each expert takes its top cf*T/E tokens
     capped_expert_choice.py  CappedExpertChoice (EC-CAP): at most b experts per token
+    sigmoid_token_choice.py  SigmoidTokenChoice: DeepSeek-V3 sigmoid gating, group-limited
     capped_assignment.py     EC-CAP's assignment LP (Dykstra) and its rounding
     losses.py                load-balancing loss and router z-loss
     metrics.py               per-layer routing diagnostics of a plan
@@ -20,6 +21,7 @@ from moe.routing.expert_choice import ExpertChoice, route_experts_choose
 from moe.routing.interface import CAUSALITIES, NO_NOISE, Causality, RouterNoise, RouterSpec
 from moe.routing.plan import RoutingPlan, TokenChoices, expert_capacity
 from moe.routing.registry import ROUTERS, register_router
+from moe.routing.sigmoid_token_choice import SigmoidTokenChoice, route_sigmoid_tokens_choose
 from moe.routing.token_choice import TokenChoice, route_tokens_choose
 
 __all__ = [
@@ -32,11 +34,13 @@ __all__ = [
     "RouterNoise",
     "RouterSpec",
     "RoutingPlan",
+    "SigmoidTokenChoice",
     "TokenChoice",
     "TokenChoices",
     "expert_capacity",
     "register_router",
     "route_capped_experts_choose",
     "route_experts_choose",
+    "route_sigmoid_tokens_choose",
     "route_tokens_choose",
 ]

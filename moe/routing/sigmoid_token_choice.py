@@ -1,0 +1,229 @@
+"""DeepSeek-V3 gating: sigmoid affinities, top-k on affinity + bias, normalized scaled gates.
+
+Each token scores every expert with s = sigmoid(logit) (independent per expert, unlike a
+softmax). The k experts are chosen on s + b, where b is a per-expert selection bias (the
+auxiliary-loss-free balancer's state; zero without one), optionally only among the best expert
+groups (group-limited routing: experts form `num_expert_groups` groups, a group scores the sum
+of its two best biased affinities, and only the `num_selected_groups` best groups compete). The
+gates use the unbiased affinities of the chosen experts, normalized to sum 1 and multiplied by
+`routed_scaling_factor`: the bias changes who is chosen, never how much they weigh.
+
+Capacity, drops and the fill order are those of `TokenChoice`. The optional sequence-wise
+balance loss is DeepSeek-V3's `sum_e f_e P_e` with f_e = E/(k T) * (tokens choosing e) and
+P_e the mean normalized affinity, per routing group (a sequence when GROUP_SIZE = length).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from moe.errors import ConfigurationError
+from moe.routing import losses
+from moe.routing.interface import NO_NOISE, Causality, RouterNoise
+from moe.routing.plan import (
+    CapacityFormula,
+    RoutingPlan,
+    TokenChoices,
+    capacity_factor_for,
+    check_capacity_settings,
+    check_logits,
+    expert_capacity,
+    real_mask,
+)
+from moe.routing.registry import register_router
+from moe.routing.token_choice import FillOrder, slots_from_choices
+
+
+def group_limited_scores(
+    scores: jax.Array, num_expert_groups: int, num_selected_groups: int
+) -> jax.Array:
+    """[G, T, E] selection scores with the experts outside each token's best groups at -inf."""
+    *lead, num_experts = scores.shape
+    grouped = scores.reshape(*lead, num_expert_groups, num_experts // num_expert_groups)
+    best_two = jax.lax.top_k(grouped, min(2, grouped.shape[-1]))[0]
+    group_score = jnp.sum(best_two, axis=-1)  # [G, T, groups]
+    _, best_groups = jax.lax.top_k(group_score, num_selected_groups)
+    keep = jnp.sum(jax.nn.one_hot(best_groups, num_expert_groups, dtype=jnp.int32), axis=-2) > 0
+    return jnp.where(keep[..., None], grouped, -jnp.inf).reshape(scores.shape)
+
+
+def sequence_balance_loss(
+    affinities: jax.Array, experts: jax.Array, real: jax.Array
+) -> jax.Array:
+    """DeepSeek-V3's balance loss sum_e f_e P_e per group, averaged over groups with tokens.
+
+    f_e = E / (k T') * (real tokens choosing e), P_e = mean over real tokens of s_e / sum_j s_j
+    (T' real tokens): 1 when the load and the affinity are uniform.
+    """
+    num_experts = affinities.shape[-1]
+    k = experts.shape[-1]
+    weights = real.astype(jnp.float32)
+    num_real = jnp.maximum(jnp.sum(weights, axis=1), 1.0)  # [G]
+    chosen = jnp.sum(jax.nn.one_hot(experts, num_experts), axis=2) * weights[..., None]
+    f = num_experts / (k * num_real[:, None]) * jnp.sum(chosen, axis=1)  # [G, E]
+    normalized = affinities / jnp.sum(affinities, axis=-1, keepdims=True)
+    p = jnp.sum(normalized * weights[..., None], axis=1) / num_real[:, None]  # [G, E]
+    per_group = jnp.sum(f * p, axis=-1)
+    has_tokens = jnp.any(real, axis=1)
+    return jnp.sum(jnp.where(has_tokens, per_group, 0.0)) / jnp.maximum(jnp.sum(has_tokens), 1)
+
+
+def route_sigmoid_tokens_choose(
+    logits: jax.Array,
+    padding_mask: jax.Array | None,
+    *,
+    num_selected_experts: int,
+    capacity: int,
+    routed_scaling_factor: float = 1.0,
+    selection_bias: jax.Array | None = None,
+    num_expert_groups: int = 1,
+    num_selected_groups: int = 1,
+    balance_loss: bool = False,
+    fill_order: FillOrder = "rank",
+) -> RoutingPlan:
+    """Route [G, T, E] logits with sigmoid affinities; `selection_bias` [E] only selects."""
+    check_logits(logits)
+    logits = logits.astype(jnp.float32)
+    num_groups, num_tokens, num_experts = logits.shape
+    real = real_mask(padding_mask, (num_groups, num_tokens))
+    affinities = jax.nn.sigmoid(logits)  # [G, T, E]
+    scores = jax.lax.stop_gradient(affinities)
+    if selection_bias is not None:
+        scores = scores + selection_bias.astype(jnp.float32)
+    if num_expert_groups > 1:
+        scores = group_limited_scores(scores, num_expert_groups, num_selected_groups)
+    _, experts = jax.lax.top_k(scores, num_selected_experts)  # [G, T, k]
+    chosen = jnp.take_along_axis(affinities, experts, axis=-1)
+    gates = chosen / jnp.sum(chosen, axis=-1, keepdims=True) * routed_scaling_factor
+    selected = jnp.broadcast_to(real[..., None], experts.shape)
+    slot_token, slot_weight, kept = slots_from_choices(
+        experts, gates, selected, None, num_experts, capacity, fill_order
+    )
+    aux = (
+        sequence_balance_loss(affinities, experts, real)
+        if balance_loss
+        else jnp.zeros((), jnp.float32)
+    )
+    return RoutingPlan(
+        slot_token=slot_token,
+        slot_weight=slot_weight,
+        # The diagnostics read a distribution over experts: the normalized affinities.
+        probs=affinities / jnp.sum(affinities, axis=-1, keepdims=True),
+        logits=logits,
+        padding_mask=real,
+        auxiliary_loss=aux,
+        router_z_loss=losses.router_z_loss(logits, real),
+        choices=TokenChoices(experts=experts, gates=gates, selected=selected, kept=kept),
+    )
+
+
+@register_router
+@dataclasses.dataclass(frozen=True)
+class SigmoidTokenChoice:
+    """DeepSeek-V3's router (see the module docstring).
+
+    Attributes:
+      num_selected_experts: k (DeepSeek-V3: 8 of 256 routed experts).
+      routed_scaling_factor: the gates of a token sum to this (DeepSeek-V3: 2.5).
+      num_expert_groups / num_selected_groups: group-limited routing (DeepSeek-V3: 8 / 4);
+        1 / 1 is plain top-k.
+      balance_loss: report the sequence-wise balance loss as the auxiliary loss (weighted by
+        the model's aux loss factor, DeepSeek-V3 uses 1e-4); False: no auxiliary loss.
+      capacity_factor, eval_capacity_factor, capacity_formula, min_capacity, fill_order,
+        ignore_padding_tokens, allow_causal: as for `TokenChoice`.
+    """
+
+    num_selected_experts: int = 2
+    routed_scaling_factor: float = 1.0
+    num_expert_groups: int = 1
+    num_selected_groups: int = 1
+    balance_loss: bool = False
+    capacity_factor: float = 1.25
+    eval_capacity_factor: float | None = None
+    capacity_formula: CapacityFormula = "scaled"
+    min_capacity: int = 4
+    fill_order: FillOrder = "rank"
+    ignore_padding_tokens: bool = True
+    allow_causal: bool = False
+
+    @property
+    def causality(self) -> Causality:
+        if self.num_selected_experts > 1 and self.fill_order == "rank":
+            return "leaks_through_capacity"
+        return "causal"
+
+    @property
+    def supports_dropless(self) -> bool:
+        return True
+
+    @property
+    def experts_per_token(self) -> float:
+        return float(self.num_selected_experts)
+
+    def noise(self, deterministic: bool) -> RouterNoise:
+        del deterministic
+        return NO_NOISE
+
+    def validate(self, num_experts: int) -> None:
+        name = type(self).__name__
+        if not 1 <= self.num_selected_experts <= num_experts:
+            raise ConfigurationError(
+                f"{name}.num_selected_experts={self.num_selected_experts} must be between 1 and "
+                f"num_experts={num_experts}."
+            )
+        if self.routed_scaling_factor <= 0:
+            raise ConfigurationError(
+                f"{name}.routed_scaling_factor must be > 0, got {self.routed_scaling_factor}."
+            )
+        groups, selected = self.num_expert_groups, self.num_selected_groups
+        if groups < 1 or num_experts % groups or not 1 <= selected <= groups:
+            raise ConfigurationError(
+                f"{name}: num_expert_groups={groups} must divide num_experts={num_experts} and "
+                f"num_selected_groups={selected} must be between 1 and num_expert_groups."
+            )
+        if self.num_selected_experts > selected * (num_experts // groups):
+            raise ConfigurationError(
+                f"{name}: the {selected} selected groups hold {selected * (num_experts // groups)}"
+                f" experts, fewer than num_selected_experts={self.num_selected_experts}."
+            )
+        check_capacity_settings(self)
+        if self.fill_order not in ("rank", "token"):
+            raise ConfigurationError(
+                f"Unknown {name}.fill_order {self.fill_order!r}; use 'rank' or 'token'."
+            )
+
+    def capacity(self, num_tokens: int, num_experts: int, deterministic: bool) -> int:
+        return expert_capacity(
+            num_tokens,
+            num_experts,
+            capacity_factor_for(self, deterministic),
+            self.num_selected_experts,
+            self.capacity_formula,
+            self.min_capacity,
+        )
+
+    def route(
+        self,
+        logits: jax.Array,
+        padding_mask: jax.Array | None,
+        *,
+        deterministic: bool = True,
+        rng: jax.Array | None = None,
+        capacity: int | None = None,
+    ) -> RoutingPlan:
+        del rng
+        _, num_tokens, num_experts = logits.shape
+        return route_sigmoid_tokens_choose(
+            logits,
+            padding_mask,
+            num_selected_experts=self.num_selected_experts,
+            capacity=capacity or self.capacity(num_tokens, num_experts, deterministic),
+            routed_scaling_factor=self.routed_scaling_factor,
+            num_expert_groups=self.num_expert_groups,
+            num_selected_groups=self.num_selected_groups,
+            balance_loss=self.balance_loss,
+            fill_order=self.fill_order,
+        )
