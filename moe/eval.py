@@ -6,7 +6,11 @@
 
 The evaluator sorts a task's metric functions into prediction metrics (decoded outputs:
 accuracy, F1, ...) and score metrics (log-likelihoods: rank classification,
-multiple_choice_grade); this module hands it the model's predict and score functions.
+multiple_choice_grade); this module hands it the model's predict and score functions. For a
+BIG-bench task with subtasks, the printed metrics end with the parent's aggregate as BIG-bench
+reports it (`seqio_tasks/bigbench/aggregate.py`): each metric's unweighted mean over the
+subtasks and `normalized_aggregate_score`. `MIXTURE_OR_TASK_NAME` may name a BIG-bench task of
+the folder bound to `seqio_tasks.config.data_paths.bigbench_dir` (see `moe.evaluation`).
 """
 
 import sys
@@ -24,9 +28,8 @@ from typing import Any
 import gin
 import seqio
 
-from moe import checkpoints, data
+from moe import data, evaluation
 from moe.entry_point import run_entry_point
-from moe.infer import load_params, make_predict_fn, make_score_fn
 from moe.partitioning import Partitioner
 
 
@@ -42,28 +45,16 @@ def inference_metrics(
     cfg: data.DatasetConfig,
     num_examples: int | None = None,
 ) -> dict[str, float]:
-    """`{'<task>/<metric>': value}` from `seqio.Evaluator` on `cfg`'s split."""
-    task = data.get_task(cfg)
-    evaluator = seqio.Evaluator(
-        cfg.mixture_or_task_name,
-        feature_converter=model.feature_converter_cls(pack=False),
-        eval_split=cfg.split,
-        use_cached=cfg.use_cached,
-        sequence_length=dict(cfg.task_feature_lengths),
-        num_examples=num_examples,
-    )
-    results, _ = evaluator.evaluate(
-        compute_metrics=True,
-        predict_fn=make_predict_fn(model, params, partitioner, cfg.batch_size)
-        if _uses(task, "predict") else None,
-        score_fn=make_score_fn(model, params, partitioner, cfg.batch_size)
-        if _uses(task, "score") else None,
-    )
-    return {
-        f"{task_name}/{metric}": float(getattr(value, "value", value))
-        for task_name, metrics in results.result().items()
-        for metric, value in metrics.items()
-    }
+    """`{'<task>/<metric>': value}` from `seqio.Evaluator` on `cfg`'s split; for a BIG-bench
+    task with subtasks also its aggregate, `'<name>/<metric>'` (see `moe.evaluation`)."""
+    task = evaluation.resolve_task(cfg)
+    evaluator = evaluation.make_evaluator(model, cfg, num_examples)
+    predict_fn = score_fn = None
+    if _uses(task, "predict"):
+        predict_fn = evaluation.make_predict_fn(model, params, partitioner, cfg.batch_size)
+    if _uses(task, "score"):
+        score_fn = evaluation.make_score_fn(model, params, partitioner, cfg.batch_size)
+    return evaluation.evaluator_metrics(evaluator, cfg, predict_fn, score_fn)
 
 
 @gin.configurable
@@ -78,11 +69,13 @@ def evaluate(
     num_examples: int | None = None,
 ) -> dict[str, float]:
     """Evaluate a checkpoint; writes `output_dir/metrics.json` and returns the metrics."""
-    checkpoints.directory_is_writable(output_dir)
-    data.get_task(dataset_cfg)
-    partitioner = Partitioner(num_expert_partitions, num_model_partitions)
-    params = load_params(model, checkpoint_path, dataset_cfg, partitioner, checkpoint_step)
-    metrics = inference_metrics(model, params, partitioner, dataset_cfg, num_examples)
+    restored = evaluation.restore_for_inference(
+        model, checkpoint_path, dataset_cfg, output_dir, num_expert_partitions,
+        num_model_partitions, checkpoint_step,
+    )  # fmt: skip
+    metrics = inference_metrics(
+        model, restored.params, restored.partitioner, dataset_cfg, num_examples
+    )
     with open(os.path.join(output_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2, sort_keys=True)
     for name, value in sorted(metrics.items()):

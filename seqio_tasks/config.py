@@ -26,6 +26,13 @@ ENV_BIGBENCH_DIR = "MOE_BIGBENCH_DIR"
 # 'byte' (default, offline), 't5' (T5's SentencePiece model on gs://, which the published
 # T5.1.1 and Switch checkpoints were trained with) or the path of a SentencePiece .model file.
 ENV_VOCABULARY = "MOE_VOCABULARY"
+# The environment variable of each `DataPaths` field.
+ENV_VARS = {
+    "glue_dir": ENV_GLUE_DIR,
+    "super_glue_dir": ENV_SUPER_GLUE_DIR,
+    "tfds_data_dir": ENV_TFDS_DATA_DIR,
+    "bigbench_dir": ENV_BIGBENCH_DIR,
+}
 
 
 def task_vocabulary() -> str:
@@ -54,12 +61,7 @@ def data_paths(
     bigbench_dir: str | None = None,
 ) -> DataPaths:
     """Returns the current data paths (arguments are the gin-bindable layer)."""
-    from_env = {
-        "glue_dir": os.environ.get(ENV_GLUE_DIR) or None,
-        "super_glue_dir": os.environ.get(ENV_SUPER_GLUE_DIR) or None,
-        "tfds_data_dir": os.environ.get(ENV_TFDS_DATA_DIR) or None,
-        "bigbench_dir": os.environ.get(ENV_BIGBENCH_DIR) or None,
-    }
+    from_env = {field: os.environ.get(name) or None for field, name in ENV_VARS.items()}
     from_args = {
         "glue_dir": glue_dir,
         "super_glue_dir": super_glue_dir,
@@ -94,6 +96,16 @@ def set_data_paths(
         if value is not _UNSET:
             _OVERRIDES[key] = None if value is None else os.fspath(value)
     return data_paths()
+
+
+def how_to_set(field: str) -> str:
+    """How a user points the `DataPaths` field `field` at a directory, for error messages: the
+    environment variable and the gin binding (in a gin file or as an entry point flag)."""
+    binding = f"seqio_tasks.config.data_paths.{field}"
+    return (
+        f"set {ENV_VARS[field]}=<dir>, or bind `{binding} = '<dir>'` in gin "
+        f"(on the command line: --gin.{binding}=\"'<dir>'\")"
+    )
 
 
 def reset_data_paths() -> None:

@@ -15,7 +15,6 @@ import seqio
 import tensorflow as tf
 
 from seqio_tasks import (
-    config,
     glue_files,
     glue_formatting,
     metrics,
@@ -98,7 +97,7 @@ def glue_source(task: GlueTask) -> seqio.FunctionDataSource:
     return sources.tfds_or_local_source(
         tfds_name=f"glue/{task.name}:{TFDS_VERSION}",
         splits={split: split for split in task.splits},
-        local_dir_fn=lambda: config.data_paths().glue_dir,
+        local_dir_field="glue_dir",
         local_reader=functools.partial(
             _read_local, task_name=task.name, label_names=task.label_names
         ),

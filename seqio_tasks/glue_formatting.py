@@ -195,9 +195,3 @@ def rank_classification_expand(
         )
 
     return dataset.flat_map(expand)
-
-
-@seqio.map_over_dataset
-def drop_label(x: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    """Removes the integer label once targets carry it as text."""
-    return {k: v for k, v in x.items() if k != "label"}

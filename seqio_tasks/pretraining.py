@@ -48,14 +48,14 @@ def _pydoc_topics_dataset(split: str, shuffle_files: bool, seed: int | None = No
 
 
 def pydoc_topics_source() -> seqio.DataSource:
-    return seqio.FunctionDataSource(_pydoc_topics_dataset, splits=("train", "validation"))
+    return sources.SeededFunctionDataSource(_pydoc_topics_dataset, splits=("train", "validation"))
 
 
 def c4_source() -> seqio.DataSource:
     def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None):
         return sources.load_prepared_tfds(C4_TFDS_NAME, split, shuffle_files, seed)
 
-    return seqio.FunctionDataSource(dataset_fn, splits=("train", "validation"))
+    return sources.SeededFunctionDataSource(dataset_fn, splits=("train", "validation"))
 
 
 def _objectives(

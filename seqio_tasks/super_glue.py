@@ -17,7 +17,6 @@ import seqio
 import tensorflow as tf
 
 from seqio_tasks import (
-    config,
     glue_files,
     glue_formatting,
     metrics,
@@ -164,7 +163,7 @@ def super_glue_source(task: SuperGlueTask, splits=None) -> seqio.FunctionDataSou
     return sources.tfds_or_local_source(
         tfds_name=f"super_glue/{task.name}:{TFDS_VERSION}",
         splits={split: split for split in splits},
-        local_dir_fn=lambda: config.data_paths().super_glue_dir,
+        local_dir_field="super_glue_dir",
         local_reader=functools.partial(
             _read_local, task_name=task.name, label_names=task.label_names
         ),
@@ -181,7 +180,7 @@ def dpr_source() -> seqio.FunctionDataSource:
     return sources.tfds_or_local_source(
         tfds_name=DPR_TFDS_NAME,
         splits={"train": "train", "test": "test"},
-        local_dir_fn=lambda: config.data_paths().super_glue_dir,
+        local_dir_field="super_glue_dir",
         local_reader=glue_files.read_dpr,
         output_signature=_DPR_SIGNATURE,
     )

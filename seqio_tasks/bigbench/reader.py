@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from moe.errors import ConfigurationError
+from seqio_tasks.errors import MissingDataError
 
 GENERATIVE_METRICS = frozenset({
     "exact_str_match", "case_insensitive_str_match", "bleu", "rouge", "sequence_f1",
@@ -172,7 +173,7 @@ def read_task_folder(folder: str) -> TaskFolder:
     """Reads `folder/task.json` and, when it has no examples, its subtask folders."""
     path = os.path.join(folder, "task.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"No BIG-bench task file at {path}.")
+        raise MissingDataError(f"No BIG-bench task file at {path}.")
     data = _load_json(path)
     name = os.path.basename(os.path.normpath(folder))
     subfolders = sorted(
@@ -191,7 +192,7 @@ def read_task_folder(folder: str) -> TaskFolder:
 def list_json_task_folders(benchmark_dir: str) -> list[str]:
     """Folders under `benchmark_dir` holding a JSON task (programmatic tasks are skipped)."""
     if not os.path.isdir(benchmark_dir):
-        raise FileNotFoundError(f"BIG-bench task directory {benchmark_dir} does not exist.")
+        raise MissingDataError(f"BIG-bench task directory {benchmark_dir} does not exist.")
     return sorted(
         os.path.join(benchmark_dir, d)
         for d in os.listdir(benchmark_dir)
@@ -224,7 +225,7 @@ def read_benchmark(
         wanted = set(task_names)
         missing = wanted - {os.path.basename(f) for f in folders}
         if missing:
-            raise FileNotFoundError(f"No BIG-bench JSON task {sorted(missing)} in {benchmark_dir}.")
+            raise MissingDataError(f"No BIG-bench JSON task {sorted(missing)} in {benchmark_dir}.")
         folders = [f for f in folders if os.path.basename(f) in wanted]
     out = []
     for folder in folders:

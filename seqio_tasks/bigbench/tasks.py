@@ -8,7 +8,8 @@
 - scr: one row per target, scored; log_likelihood.
 Per task folder, `...{type}...` of a parent with subtasks and `...mix...` (all of a task's
 seqio tasks) are mixtures weighted by example count; `bigbench:bigbench_lite_v1.mix...` holds
-the BIG-bench Lite tasks that are present.
+the BIG-bench Lite tasks that are present. The mixtures of a parent with subtasks get
+BIG-bench's aggregate score when evaluated (`aggregate.py`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,7 +25,8 @@ import seqio
 import tensorflow as tf
 
 from seqio_tasks import config, registry
-from seqio_tasks.bigbench import formatting, metrics, reader
+from seqio_tasks.bigbench import aggregate, formatting, metrics, reader
+from seqio_tasks.errors import MissingDataError
 
 GENERATIVE, MULTIPLE_CHOICE, SCORING, MIXED = "gen", "mul", "scr", "mix"
 DEFAULT_VOCABULARIES = {"byte": "byte"}
@@ -165,17 +168,41 @@ def _register_leaf(name, task, task_type, features, num_shots, max_examples) -> 
     return num_examples
 
 
+HOW_TO_POINT_AT_TASKS = (
+    "point at a folder of BIG-bench JSON tasks (`<folder>/<task>/task.json`, e.g. the "
+    f"`bigbench/benchmark_tasks` of the BIG-bench repository): {config.how_to_set('bigbench_dir')}"
+    "; or `pip install --no-deps bigbench`, whose tasks are used when no folder is set."
+)
+# Task or mixture name -> the folder it was registered from (absolute).
+_REGISTERED_FROM: dict[str, str] = {}
+
+
 def resolve_benchmark_dir(benchmark_dir: str | None = None) -> str:
     """Explicit path > configured `bigbench_dir` > the installed `bigbench` package."""
     resolved = (
         benchmark_dir or config.data_paths().bigbench_dir or reader.installed_benchmark_dir()
     )
     if not resolved:
-        raise FileNotFoundError(
-            "No BIG-bench tasks found: pass a `benchmark_tasks` folder, set "
-            f"{config.ENV_BIGBENCH_DIR}, or `pip install --no-deps bigbench`."
-        )
+        raise MissingDataError(f"No BIG-bench tasks found: {HOW_TO_POINT_AT_TASKS}")
     return resolved
+
+
+def registered_from(name: str) -> str | None:
+    """The BIG-bench folder `name` was registered from by this module, if it was."""
+    return _REGISTERED_FROM.get(name)
+
+
+def unregister_other_folders(task: str, benchmark_dir: str) -> None:
+    """Removes the seqio tasks and mixtures this module registered for BIG-bench task `task`
+    from a folder other than `benchmark_dir` (all shots, example counts, vocabularies and
+    types), so that registering it from `benchmark_dir` leaves none of their forms behind."""
+    prefix = f"bigbench:{task}."
+    folder = os.path.abspath(benchmark_dir)
+    stale = [n for n, f in _REGISTERED_FROM.items() if n.startswith(prefix) and f != folder]
+    for name in stale:
+        seqio.MixtureRegistry.remove(name)
+        seqio.TaskRegistry.remove(name)
+        del _REGISTERED_FROM[name]
 
 
 def register_bigbench_tasks(
@@ -192,7 +219,8 @@ def register_bigbench_tasks(
     A malformed task file raises `reader.TaskFileError` naming file and field; with
     `strict=False` it is skipped with that message as a warning.
     """
-    folders = reader.read_benchmark(resolve_benchmark_dir(benchmark_dir), task_names, strict)
+    benchmark_dir = os.path.abspath(resolve_benchmark_dir(benchmark_dir))
+    folders = reader.read_benchmark(benchmark_dir, task_names, strict)
     vocabularies = vocabularies or DEFAULT_VOCABULARIES
     registered: list[str] = []
     for vocab_name, vocabulary in vocabularies.items():
@@ -212,12 +240,14 @@ def register_bigbench_tasks(
     missing = [t for t in BIGBENCH_LITE_V1 if t not in present]
     if missing and len(missing) < len(BIGBENCH_LITE_V1):
         logging.info("BIG-bench Lite mixture without missing tasks: %s", missing)
+    _REGISTERED_FROM.update(dict.fromkeys(registered, benchmark_dir))
     return registered
 
 
 def _register_folder(folder, vocab_name, features, k, n, registered) -> list[tuple[str, int]]:
     """Registers one task folder's seqio tasks and mixtures; returns (leaf task, rate) pairs."""
     by_type: dict[str, list[tuple[str, int]]] = {}
+    scorings: dict[str, aggregate.SubtaskScoring] = {}
     for leaf in folder.leaves:
         subtask = leaf.name if folder.subtask_names else None
         for task_type in _task_types(leaf):
@@ -230,14 +260,18 @@ def _register_folder(folder, vocab_name, features, k, n, registered) -> list[tup
             rate = _register_leaf(name, leaf, task_type, features, k, n)
             registered.append(name)
             by_type.setdefault(task_type, []).append((name, rate))
+            scorings[name] = aggregate.scoring_of(leaf)
     members = [m for ms in by_type.values() for m in ms]
     if folder.subtask_names:
         for task_type, type_members in by_type.items():
             name = task_name(folder.name, task_type, vocab_name, k, n)
             registry.add_mixture(name, type_members)
+            aggregate.record_parent(name, {m: scorings[m] for m, _ in type_members})
             registered.append(name)
     if len(members) > 1:
         name = task_name(folder.name, MIXED, vocab_name, k, n)
         registry.add_mixture(name, members)
+        if folder.subtask_names:
+            aggregate.record_parent(name, scorings)
         registered.append(name)
     return members

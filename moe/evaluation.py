@@ -1,0 +1,210 @@
+"""What `moe.eval`, `moe.infer` and the trainer's inference eval share.
+
+- `resolve_task`: the seqio task of a `DatasetConfig`, after the task module has registered
+  what the parsed configuration points at (BIG-bench folders bound in gin).
+- `restore_for_inference`: the checks, mesh and parameters both entry points start from. The
+  parameters need only their shapes and shardings, from one abstract initialization of the
+  model (`jax.eval_shape`): no optimizer, no compiled train step.
+- `make_evaluator`: the one `seqio.Evaluator` of a run, and `evaluator_metrics`: its metrics as
+  `{'<task>/<metric>': value}`, with the scores of the mixture as a whole that the task module
+  computes (BIG-bench's aggregate of a task with subtasks).
+- `make_predict_fn` / `make_score_fn`: the model's decoding and scoring with the signatures
+  `seqio.Evaluator` expects (an enumerated dataset of model features in, `[(index, tokens)]` /
+  `[(index, score)]` out), so evaluation and inference run the model the same way.
+
+The task module (`DatasetConfig.module`, `seqio_tasks` by default) may define
+`ensure_registered(name)` and `aggregate_metrics(name, {task: {metric: value}})`; both are
+optional, so any module of seqio tasks works.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+from collections.abc import Callable, Mapping
+from types import ModuleType
+from typing import Any
+
+import flax.linen as nn
+import gin
+import jax
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from moe import checkpoints, data
+from moe.partitioning import Partitioner
+
+# seqio.Evaluator's notice when it is given no result loggers (it logs through absl): the
+# callers write the metrics themselves (`metrics.json`, the training metrics writer).
+EMPTY_LOGGER_CLS_NOTICE = "'logger_cls' is empty so seqio.Evaluator will not log its results"
+
+
+def task_module(cfg: data.DatasetConfig) -> ModuleType | None:
+    """The module that registers `cfg`'s tasks, imported (it may register gin configurables)."""
+    if not cfg.module:
+        return None
+    with gin.unlock_config():
+        return importlib.import_module(cfg.module)
+
+
+def resolve_task(cfg: data.DatasetConfig) -> seqio.Task | seqio.Mixture:
+    """`data.get_task(cfg)`, after the task module's `ensure_registered(name)` has registered
+    the task `name` refers to from the configuration parsed by now (a BIG-bench folder bound in
+    gin, which the module could not know when the gin file imported it)."""
+    ensure_registered = getattr(task_module(cfg), "ensure_registered", None)
+    if ensure_registered is not None:
+        ensure_registered(cfg.mixture_or_task_name)
+    return data.get_task(cfg)
+
+
+def abstract_params(model: Any, partitioner: Partitioner,
+                    input_shapes: Mapping[str, tuple[int, ...]]) -> Any:  # fmt: skip
+    """The model's parameters as `jax.ShapeDtypeStruct`s in this mesh's shardings, from one
+    abstract initialization (nothing is allocated or compiled)."""
+    with partitioner.context():
+        variables = jax.eval_shape(
+            lambda rng: model.get_initial_variables(rng, input_shapes), jax.random.key(0)
+        )
+    boxed = variables["params"]
+    return jax.tree.map(
+        lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+        nn.meta.unbox(boxed),
+        partitioner.get_shardings(boxed),
+    )
+
+
+def load_params(model: Any, checkpoint_path: str, cfg: data.DatasetConfig,
+                partitioner: Partitioner, step: int | None = None) -> Any:  # fmt: skip
+    """The parameters of the checkpoint at `checkpoint_path`, in this mesh's shardings."""
+    converter = model.feature_converter_cls(pack=False)
+    lengths = converter.get_model_feature_lengths(dict(cfg.task_feature_lengths))
+    shapes = {name: (cfg.batch_size, length) for name, length in lengths.items()}
+    params, _ = checkpoints.restore_params_from(
+        checkpoint_path, abstract_params(model, partitioner, shapes), step=step,
+        model_config=getattr(model.module, "config", None),
+    )  # fmt: skip
+    return params
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """What evaluation and inference run from: the task, the mesh and the parameters."""
+
+    task: seqio.Task | seqio.Mixture
+    partitioner: Partitioner
+    params: Any
+
+
+def restore_for_inference(
+    model: Any,
+    checkpoint_path: str,
+    cfg: data.DatasetConfig,
+    output_dir: str,
+    num_expert_partitions: int = 1,
+    num_model_partitions: int = 1,
+    checkpoint_step: int | None = None,
+) -> Restored:
+    """Checks `output_dir` and the task before the (slow) restore, then restores the checkpoint
+    onto a mesh of the given partitions."""
+    checkpoints.directory_is_writable(output_dir)
+    task = resolve_task(cfg)
+    partitioner = Partitioner(num_expert_partitions, num_model_partitions)
+    params = load_params(model, checkpoint_path, cfg, partitioner, checkpoint_step)
+    return Restored(task, partitioner, params)
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+def make_evaluator(model: Any, cfg: data.DatasetConfig,
+                   num_examples: int | None = None) -> seqio.Evaluator:  # fmt: skip
+    """The `seqio.Evaluator` of `cfg`'s split (its first `num_examples` examples per task),
+    without its notice that it logs nothing; its other messages pass."""
+    absl_logger = logging.getLogger("absl")
+    drop = _DropMessage(EMPTY_LOGGER_CLS_NOTICE)
+    absl_logger.addFilter(drop)
+    try:
+        return seqio.Evaluator(
+            cfg.mixture_or_task_name,
+            feature_converter=model.feature_converter_cls(pack=False),
+            eval_split=cfg.split,
+            use_cached=cfg.use_cached,
+            sequence_length=dict(cfg.task_feature_lengths),
+            num_examples=num_examples,
+        )
+    finally:
+        absl_logger.removeFilter(drop)
+
+
+def evaluator_metrics(
+    evaluator: seqio.Evaluator,
+    cfg: data.DatasetConfig,
+    predict_fn: Callable[[tf.data.Dataset], list] | None,
+    score_fn: Callable[[tf.data.Dataset], list] | None,
+) -> dict[str, float]:
+    """`{'<task>/<metric>': value}` of every evaluated task, plus `'<name>/<metric>'` for the
+    scores of `cfg`'s mixture as a whole that the task module's `aggregate_metrics` gives."""
+    results, _ = evaluator.evaluate(compute_metrics=True, predict_fn=predict_fn,
+                                    score_fn=score_fn)  # fmt: skip
+    by_task = {
+        task_name: {metric: float(getattr(value, "value", value)) for metric, value in m.items()}
+        for task_name, m in results.result().items()
+    }
+    metrics = {f"{t}/{metric}": value for t, m in by_task.items() for metric, value in m.items()}
+    aggregate = getattr(task_module(cfg), "aggregate_metrics", None)
+    if aggregate is not None:
+        name = cfg.mixture_or_task_name
+        metrics.update({f"{name}/{k}": v for k, v in aggregate(name, by_task).items()})
+    return metrics
+
+
+def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+    return np.pad(x, [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+
+
+def _batches(dataset: tf.data.Dataset, batch_size: int):
+    """(indices, padded feature batch, number of real rows) from an enumerated dataset."""
+    for indices, features in dataset.padded_batch(batch_size).as_numpy_iterator():
+        n = len(indices)
+        padded = {k: _pad_rows(v, batch_size) for k, v in features.items()}
+        yield indices, padded, n
+
+
+def make_predict_fn(model: Any, params: Any, partitioner: Partitioner, batch_size: int,
+                    **predict_kwargs) -> Callable[[tf.data.Dataset], list]:  # fmt: skip
+    """A seqio `predict_fn`: greedy (or configured) decoding with `model.predict_batch`."""
+
+    def predict_fn(dataset):
+        out = []
+        for indices, batch, n in _batches(dataset, batch_size):
+            with partitioner.context():
+                tokens = model.predict_batch(params, batch, **predict_kwargs)
+            tokens = np.asarray(jax.device_get(tokens))[:n]
+            out += [(int(i), t.tolist()) for i, t in zip(indices, tokens)]
+        return out
+
+    return predict_fn
+
+
+def make_score_fn(model: Any, params: Any, partitioner: Partitioner, batch_size: int
+                  ) -> Callable[[tf.data.Dataset], list]:  # fmt: skip
+    """A seqio `score_fn`: sum of target log-likelihoods with `model.score_batch`."""
+
+    def score_fn(dataset):
+        out = []
+        for indices, batch, n in _batches(dataset, batch_size):
+            with partitioner.context():
+                scores = model.score_batch(params, batch)
+            scores = np.asarray(jax.device_get(scores))[:n]
+            out += [(int(i), float(s)) for i, s in zip(indices, scores)]
+        return out
+
+    return score_fn
