@@ -51,10 +51,16 @@ class DatasetConfig:
 
 
 def get_task(cfg: DatasetConfig) -> seqio.Task | seqio.Mixture:
-    """The registered task or mixture of `cfg`, or an error listing close names."""
+    """The registered task or mixture of `cfg`, or an error listing close names.
+
+    The task module may define `ensure_registered(name)`: it registers the task `name` refers
+    to from the configuration parsed by now (a BIG-bench folder bound in gin, which the module
+    could not know when a gin file imported it).
+    """
     if cfg.module:
         with gin.unlock_config():  # the module may register gin configurables of its own
-            importlib.import_module(cfg.module)
+            module = importlib.import_module(cfg.module)
+        getattr(module, "ensure_registered", lambda name: None)(cfg.mixture_or_task_name)
     try:
         return seqio.get_mixture_or_task(cfg.mixture_or_task_name)
     except ValueError as e:

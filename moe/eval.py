@@ -47,7 +47,7 @@ def inference_metrics(
 ) -> dict[str, float]:
     """`{'<task>/<metric>': value}` from `seqio.Evaluator` on `cfg`'s split; for a BIG-bench
     task with subtasks also its aggregate, `'<name>/<metric>'` (see `moe.evaluation`)."""
-    task = evaluation.resolve_task(cfg)
+    task = data.get_task(cfg)
     evaluator = evaluation.make_evaluator(model, cfg, num_examples)
     predict_fn = score_fn = None
     if _uses(task, "predict"):

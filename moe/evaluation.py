@@ -1,7 +1,5 @@
 """What `moe.eval`, `moe.infer` and the trainer's inference eval share.
 
-- `resolve_task`: the seqio task of a `DatasetConfig`, after the task module has registered
-  what the parsed configuration points at (BIG-bench folders bound in gin).
 - `restore_for_inference`: the checks, mesh and parameters both entry points start from. The
   parameters need only their shapes and shardings, from one abstract initialization of the
   model (`jax.eval_shape`): no optimizer, no compiled train step.
@@ -47,16 +45,6 @@ def task_module(cfg: data.DatasetConfig) -> ModuleType | None:
         return None
     with gin.unlock_config():
         return importlib.import_module(cfg.module)
-
-
-def resolve_task(cfg: data.DatasetConfig) -> seqio.Task | seqio.Mixture:
-    """`data.get_task(cfg)`, after the task module's `ensure_registered(name)` has registered
-    the task `name` refers to from the configuration parsed by now (a BIG-bench folder bound in
-    gin, which the module could not know when the gin file imported it)."""
-    ensure_registered = getattr(task_module(cfg), "ensure_registered", None)
-    if ensure_registered is not None:
-        ensure_registered(cfg.mixture_or_task_name)
-    return data.get_task(cfg)
 
 
 def abstract_params(model: Any, partitioner: Partitioner,
@@ -109,7 +97,7 @@ def restore_for_inference(
     """Checks `output_dir` and the task before the (slow) restore, then restores the checkpoint
     onto a mesh of the given partitions."""
     checkpoints.directory_is_writable(output_dir)
-    task = resolve_task(cfg)
+    task = data.get_task(cfg)
     partitioner = Partitioner(num_expert_partitions, num_model_partitions)
     params = load_params(model, checkpoint_path, cfg, partitioner, checkpoint_step)
     return Restored(task, partitioner, params)

@@ -37,8 +37,8 @@ import numpy as np
 from moe import checkpoints
 from moe.checkpoint_errors import CheckpointError
 from moe.entry_point import run_entry_point
+from moe.evaluation import abstract_params
 from moe.partitioning import Partitioner
-from moe.trainer import Trainer
 
 EXACT_BFLOAT16_FLAG = "--xla_allow_excess_precision=false"
 FLOAT32_BINDINGS = ("ACTIVATION_DTYPE = 'float32'", "MOE_TRUNCATED_DTYPE = 'float32'",
@@ -97,9 +97,8 @@ def compute_logits(
     features = read_features(features_path, model.module_inputs)
     shapes = {k: v.shape for k, v in features.items() if k in model.module_inputs}
     partitioner = Partitioner(1, 1)
-    trainer = Trainer(model=model, partitioner=partitioner, input_shapes=shapes)
     params, _ = checkpoints.restore_params_from(
-        checkpoint_path, trainer.abstract_state["params"], step=checkpoint_step,
+        checkpoint_path, abstract_params(model, partitioner, shapes), step=checkpoint_step,
         model_config=model.module.config,
     )
 

@@ -113,3 +113,14 @@ def test_malformed_names_are_configuration_errors(tmp_path, name, message):
 def test_other_names_are_left_alone():
     seqio_tasks.ensure_registered("no_such_task")  # the caller's lookup reports it
     seqio_tasks.ensure_registered("glue_cola_v002")
+
+
+def test_the_trainers_task_lookup_resolves_a_gin_bound_task(tmp_path):
+    from moe import data
+
+    name = "bigbench:trainer_bound_task.gen.byte_vocab.0_shot.all_examples"
+    _bind_bigbench_dir(_folder_with(tmp_path, "trainer_bound_task"))
+    cfg = data.DatasetConfig(mixture_or_task_name=name, task_feature_lengths={"targets": 8},
+                             module="seqio_tasks")
+    task = data.get_task(cfg)
+    assert task.name == name
