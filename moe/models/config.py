@@ -41,6 +41,12 @@ class SparseConfig:
       num_expert_partitions: the mesh's expert axis size the layers are laid out for.
       expert_dropout_rate: dropout inside the experts (EXPERT_DROPOUT_RATE).
       extra_dense_mlp: ST-MoE: a dense MLP sublayer after each sparse one.
+      num_shared_experts: DeepSeekMoE's K_s shared experts: every token passes through them
+        and their output is added to the routed one. They are one dense MLP of
+        K_s * (expert d_ff) hidden units (`shared_experts`), which computes the same function
+        as K_s experts summed. With fine-grained experts (m-way segmented: m*E experts of
+        d_ff/m, top m*K), the gins set NUM_EXPERTS, EXPERT_MLP_DIM and NUM_SELECTED_EXPERTS
+        directly.
       dtype: activation dtype of the experts and of dispatch/combine (MOE_TRUNCATED_DTYPE);
         None: the model's dtype. The router always computes in float32.
     """
@@ -59,8 +65,13 @@ class SparseConfig:
     expert_dropout_rate: float = 0.0
     extra_dense_mlp: bool = False
     dtype: Any = None
+    num_shared_experts: int = 0
 
     def __post_init__(self):
+        if self.num_shared_experts < 0:
+            raise ConfigurationError(
+                f"SparseConfig.num_shared_experts must be >= 0, got {self.num_shared_experts}."
+            )
         if self.dtype is not None:
             object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
 

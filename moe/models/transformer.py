@@ -174,7 +174,7 @@ class TransformerLayer(nn.Module):
             x = x + drop(h, deterministic=deterministic)
 
         h = RmsNorm(dtype=cfg.dtype, name="pre_mlp_layer_norm")(x)
-        h = _masked(h, position_mask)
+        h = x_normed = _masked(h, position_mask)
         if self.sparse:
             s = self.sparse_config
             h = MoeLayer(
@@ -193,6 +193,16 @@ class TransformerLayer(nn.Module):
                 kernel_init_scale=cfg.kernel_init_scale,
                 name="mlp",
             )(h, inputs.padding_mask, deterministic=deterministic)
+            if s.num_shared_experts:
+                shared = MlpBlock(
+                    d_ff=s.num_shared_experts * (s.d_ff or cfg.d_ff),
+                    activation=s.activation or cfg.activation,
+                    dropout_rate=cfg.dropout_rate,
+                    dtype=cfg.dtype if s.dtype is None else s.dtype,
+                    kernel_init_scale=cfg.kernel_init_scale,
+                    name="shared_experts",
+                )
+                h = h + shared(x_normed, deterministic)
         else:
             h = dense_mlp("mlp")(h, deterministic)
         x = x + drop(h, deterministic=deterministic)
