@@ -44,6 +44,7 @@ def inference_metrics(
     partitioner: Partitioner,
     cfg: data.DatasetConfig,
     num_examples: int | None = None,
+    router_state: Any = None,
 ) -> dict[str, float]:
     """`{'<task>/<metric>': value}` from `seqio.Evaluator` on `cfg`'s split; for a BIG-bench
     task with subtasks also its aggregate, `'<name>/<metric>'` (see `moe.evaluation`)."""
@@ -51,9 +52,11 @@ def inference_metrics(
     evaluator = evaluation.make_evaluator(model, cfg, num_examples)
     predict_fn = score_fn = None
     if _uses(task, "predict"):
-        predict_fn = evaluation.make_predict_fn(model, params, partitioner, cfg.batch_size)
+        predict_fn = evaluation.make_predict_fn(model, params, partitioner, cfg.batch_size,
+                                                router_state)
     if _uses(task, "score"):
-        score_fn = evaluation.make_score_fn(model, params, partitioner, cfg.batch_size)
+        score_fn = evaluation.make_score_fn(model, params, partitioner, cfg.batch_size,
+                                            router_state)
     return evaluation.evaluator_metrics(evaluator, cfg, predict_fn, score_fn)
 
 
@@ -74,7 +77,8 @@ def evaluate(
         num_model_partitions, checkpoint_step,
     )  # fmt: skip
     metrics = inference_metrics(
-        model, restored.params, restored.partitioner, dataset_cfg, num_examples
+        model, restored.params, restored.partitioner, dataset_cfg, num_examples,
+        restored.router_state,
     )
     with open(os.path.join(output_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2, sort_keys=True)

@@ -33,6 +33,7 @@ import tensorflow as tf
 
 from moe import checkpoints, data
 from moe.partitioning import Partitioner
+from moe.routing.shell import ROUTER_STATE
 
 # seqio.Evaluator's notice when it is given no result loggers (it logs through absl): the
 # callers write the metrics themselves (`metrics.json`, the training metrics writer).
@@ -47,33 +48,61 @@ def task_module(cfg: data.DatasetConfig) -> ModuleType | None:
         return importlib.import_module(cfg.module)
 
 
-def abstract_params(model: Any, partitioner: Partitioner,
-                    input_shapes: Mapping[str, tuple[int, ...]]) -> Any:  # fmt: skip
-    """The model's parameters as `jax.ShapeDtypeStruct`s in this mesh's shardings, from one
+def abstract_variables(model: Any, partitioner: Partitioner,
+                       input_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:  # fmt: skip
+    """The model's variables (`params`, and `router_state` if its routers keep state) as
+    `jax.ShapeDtypeStruct`s in this mesh's shardings (router state replicated), from one
     abstract initialization (nothing is allocated or compiled)."""
     with partitioner.context():
         variables = jax.eval_shape(
             lambda rng: model.get_initial_variables(rng, input_shapes), jax.random.key(0)
         )
     boxed = variables["params"]
-    return jax.tree.map(
+    out = {"params": jax.tree.map(
         lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
         nn.meta.unbox(boxed),
         partitioner.get_shardings(boxed),
-    )
+    )}
+    if variables.get(ROUTER_STATE):
+        replicated = partitioner.replicated_sharding
+        out[ROUTER_STATE] = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+            nn.meta.unbox(variables[ROUTER_STATE]),
+        )
+    return out
+
+
+def abstract_params(model: Any, partitioner: Partitioner,
+                    input_shapes: Mapping[str, tuple[int, ...]]) -> Any:  # fmt: skip
+    """The parameters of `abstract_variables`."""
+    return abstract_variables(model, partitioner, input_shapes)["params"]
 
 
 def load_params(model: Any, checkpoint_path: str, cfg: data.DatasetConfig,
                 partitioner: Partitioner, step: int | None = None) -> Any:  # fmt: skip
     """The parameters of the checkpoint at `checkpoint_path`, in this mesh's shardings."""
+    return load_variables(model, checkpoint_path, cfg, partitioner, step)[0]
+
+
+def load_variables(model: Any, checkpoint_path: str, cfg: data.DatasetConfig,
+                   partitioner: Partitioner, step: int | None = None
+                   ) -> tuple[Any, Any]:  # fmt: skip
+    """(parameters, router state or None) of the checkpoint at `checkpoint_path`, in this
+    mesh's shardings."""
     converter = model.feature_converter_cls(pack=False)
     lengths = converter.get_model_feature_lengths(dict(cfg.task_feature_lengths))
     shapes = {name: (cfg.batch_size, length) for name, length in lengths.items()}
+    abstract = abstract_variables(model, partitioner, shapes)
     params, _ = checkpoints.restore_params_from(
-        checkpoint_path, abstract_params(model, partitioner, shapes), step=step,
+        checkpoint_path, abstract["params"], step=step,
         model_config=getattr(model.module, "config", None),
     )  # fmt: skip
-    return params
+    router_state = None
+    if ROUTER_STATE in abstract:
+        router_state = checkpoints.restore_router_state_from(
+            checkpoint_path, abstract[ROUTER_STATE], step
+        )
+    return params, router_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +112,7 @@ class Restored:
     task: seqio.Task | seqio.Mixture
     partitioner: Partitioner
     params: Any
+    router_state: Any = None  # for models whose routers keep state
 
 
 def restore_for_inference(
@@ -99,8 +129,9 @@ def restore_for_inference(
     checkpoints.directory_is_writable(output_dir)
     task = data.get_task(cfg)
     partitioner = Partitioner(num_expert_partitions, num_model_partitions)
-    params = load_params(model, checkpoint_path, cfg, partitioner, checkpoint_step)
-    return Restored(task, partitioner, params)
+    params, router_state = load_variables(model, checkpoint_path, cfg, partitioner,
+                                          checkpoint_step)
+    return Restored(task, partitioner, params, router_state)
 
 
 class _DropMessage(logging.Filter):
@@ -166,9 +197,16 @@ def _batches(dataset: tf.data.Dataset, batch_size: int):
         yield indices, padded, n
 
 
+def _with_router_state(router_state: Any) -> dict[str, Any]:
+    """The keyword a model method takes the router state by, for models that have one."""
+    return {"router_state": router_state} if router_state else {}
+
+
 def make_predict_fn(model: Any, params: Any, partitioner: Partitioner, batch_size: int,
+                    router_state: Any = None,
                     **predict_kwargs) -> Callable[[tf.data.Dataset], list]:  # fmt: skip
     """A seqio `predict_fn`: greedy (or configured) decoding with `model.predict_batch`."""
+    predict_kwargs.update(_with_router_state(router_state))
 
     def predict_fn(dataset):
         out = []
@@ -182,15 +220,15 @@ def make_predict_fn(model: Any, params: Any, partitioner: Partitioner, batch_siz
     return predict_fn
 
 
-def make_score_fn(model: Any, params: Any, partitioner: Partitioner, batch_size: int
-                  ) -> Callable[[tf.data.Dataset], list]:  # fmt: skip
+def make_score_fn(model: Any, params: Any, partitioner: Partitioner, batch_size: int,
+                  router_state: Any = None) -> Callable[[tf.data.Dataset], list]:  # fmt: skip
     """A seqio `score_fn`: sum of target log-likelihoods with `model.score_batch`."""
 
     def score_fn(dataset):
         out = []
         for indices, batch, n in _batches(dataset, batch_size):
             with partitioner.context():
-                scores = model.score_batch(params, batch)
+                scores = model.score_batch(params, batch, **_with_router_state(router_state))
             scores = np.asarray(jax.device_get(scores))[:n]
             out += [(int(i), float(s)) for i, s in zip(indices, scores)]
         return out

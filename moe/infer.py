@@ -48,7 +48,8 @@ def infer(
     )  # fmt: skip
     evaluator = evaluation.make_evaluator(model, dataset_cfg, num_examples)
     predict = evaluation.make_predict_fn(model, restored.params, restored.partitioner,
-                                         dataset_cfg.batch_size, decode_method=decode_method)
+                                         dataset_cfg.batch_size, restored.router_state,
+                                         decode_method=decode_method)
     path = os.path.join(output_dir, f"{restored.task.name}-{dataset_cfg.split}.jsonl")
     with open(path, "w") as f:
         for sub_task in evaluator.eval_tasks:

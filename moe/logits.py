@@ -37,8 +37,9 @@ import numpy as np
 from moe import checkpoints
 from moe.checkpoint_errors import CheckpointError
 from moe.entry_point import run_entry_point
-from moe.evaluation import abstract_params
+from moe.evaluation import abstract_variables
 from moe.partitioning import Partitioner
+from moe.routing.shell import ROUTER_STATE
 
 EXACT_BFLOAT16_FLAG = "--xla_allow_excess_precision=false"
 FLOAT32_BINDINGS = ("ACTIVATION_DTYPE = 'float32'", "MOE_TRUNCATED_DTYPE = 'float32'",
@@ -97,17 +98,23 @@ def compute_logits(
     features = read_features(features_path, model.module_inputs)
     shapes = {k: v.shape for k, v in features.items() if k in model.module_inputs}
     partitioner = Partitioner(1, 1)
+    abstract = abstract_variables(model, partitioner, shapes)
     params, _ = checkpoints.restore_params_from(
-        checkpoint_path, abstract_params(model, partitioner, shapes), step=checkpoint_step,
+        checkpoint_path, abstract["params"], step=checkpoint_step,
         model_config=model.module.config,
     )
+    router_state = None
+    if ROUTER_STATE in abstract:
+        router_state = checkpoints.restore_router_state_from(
+            checkpoint_path, abstract[ROUTER_STATE], checkpoint_step
+        )
 
-    def run(params, batch):
-        logits, intermediates = model.compute_logits(params, batch)
+    def run(params, batch, router_state):
+        logits, intermediates = model.compute_logits(params, batch, router_state)
         return logits, model.sequence_log_likelihood(logits, batch), intermediates
 
     with partitioner.context():
-        logits, log_likelihood, intermediates = jax.jit(run)(params, features)
+        logits, log_likelihood, intermediates = jax.jit(run)(params, features, router_state)
     arrays = {
         "logits": np.asarray(logits, np.float32),
         "sequence_log_likelihood": np.asarray(log_likelihood, np.float32),

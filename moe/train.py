@@ -34,6 +34,7 @@ from moe import eval as moe_eval
 from moe.entry_point import run_entry_point
 from moe.metrics_writer import MetricsWriter
 from moe.partitioning import Partitioner
+from moe.routing.shell import ROUTER_STATE
 from moe.trainer import Trainer, log_param_table, train_loop
 
 
@@ -59,11 +60,13 @@ def make_eval_fn(trainer, cfg, feature_converter, layout, model_dir, eval_steps,
                               drop_remainder=False)
         if eval_steps:
             ds = ds.take(eval_steps)
-        metrics = trainer.evaluate(state["params"], ds.as_numpy_iterator())
+        router_state = state.get(ROUTER_STATE)
+        metrics = trainer.evaluate(state["params"], ds.as_numpy_iterator(), router_state)
         scalars = writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
         if inference_eval:
             task_metrics = moe_eval.inference_metrics(
-                trainer.model, state["params"], trainer.partitioner, cfg
+                trainer.model, state["params"], trainer.partitioner, cfg,
+                router_state=router_state,
             )
             scalars.update(writer.write(step, {f"inference_eval/{k}": v
                                                for k, v in task_metrics.items()}))

@@ -1,6 +1,7 @@
 """The train state, the compiled train and eval steps, and the training loop.
 
 `Trainer` owns what is compiled: it initializes the state `{'step', 'params', 'opt_state'}`
+(plus `'router_state'` for models whose routers keep state)
 directly into its shardings (the partitioner's logical-axis rules), and compiles the train step
 (gradient, optional microbatch accumulation, optimizer update) and the eval step with
 `jax.jit(in_shardings, out_shardings)`.
@@ -30,10 +31,11 @@ from moe.checkpoints import Checkpointer, flatten_params
 from moe.metrics_writer import MetricsWriter
 from moe.models.param_count import total_size
 from moe.partitioning import Partitioner
+from moe.routing.shell import ROUTER_LOADS, ROUTER_STATE
 
 State = dict[str, Any]
 # Metrics summed (not averaged) over microbatches and eval batches.
-SUMMED_METRICS = ("num_tokens",)
+SUMMED_METRICS = ("num_tokens", ROUTER_LOADS)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -85,6 +87,8 @@ class Trainer:
         with partitioner.context():
             boxed = jax.eval_shape(self._init_variables, jax.random.key(0))
         boxed_params = boxed["params"]
+        # Routers with state (e.g. auxiliary-loss-free balancing) keep it beside the params.
+        self.has_router_state = bool(boxed.get(ROUTER_STATE))
         self.param_shardings = partitioner.get_shardings(boxed_params)
         self.logical_param_specs = nn.get_partition_spec(boxed_params)
         # Per parameter, each axis's role in Adafactor's factoring (batch, row, column).
@@ -100,6 +104,11 @@ class Trainer:
             "params": self.param_shardings,
             "opt_state": opt_shardings,
         }
+        if self.has_router_state:
+            self.state_shardings[ROUTER_STATE] = jax.tree.map(
+                lambda _: replicated, abstract[ROUTER_STATE]
+            )
+        self.router_state_shardings = self.state_shardings.get(ROUTER_STATE, {})
         self.abstract_state = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
             abstract,
@@ -128,7 +137,7 @@ class Trainer:
         )
         self.eval_step = partitioner.partition(
             self._eval_step,
-            in_shardings=(self.param_shardings, batch_sharding),
+            in_shardings=(self.param_shardings, batch_sharding, self.router_state_shardings),
             out_shardings=replicated,
         )
 
@@ -138,12 +147,14 @@ class Trainer:
         return self.model.get_initial_variables(rng, self.input_shapes, self.input_types)
 
     def _init_state(self, rng) -> State:
-        params = nn.meta.unbox(self._init_variables(rng)["params"])
-        return {
-            "step": jnp.zeros((), jnp.int32),
-            "params": params,
-            "opt_state": self.tx.init(params),
+        variables = nn.meta.unbox(self._init_variables(rng))
+        params = variables["params"]
+        state = {
+            "step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params)
         }
+        if variables.get(ROUTER_STATE):
+            state[ROUTER_STATE] = variables[ROUTER_STATE]
+        return state
 
     def init_state(self) -> State:
         """A fresh state (parameters from `seed`), created directly in its shardings."""
@@ -151,22 +162,34 @@ class Trainer:
             return self._init_jit(jax.random.key(self.seed))
 
     def state_with_params(self, state: State, params: Any) -> State:
-        """`state` with new parameters and a fresh optimizer state (fine-tuning, upcycling)."""
+        """`state` with new parameters and a fresh optimizer state (fine-tuning, upcycling);
+        the router state is kept as it is in `state`."""
+
+        def fresh_state(params, router_state):
+            new = {"step": jnp.zeros((), jnp.int32), "params": params,
+                   "opt_state": self.tx.init(params)}
+            return {**new, ROUTER_STATE: router_state} if self.has_router_state else new
+
         fresh = self.partitioner.partition(
-            lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": self.tx.init(p)},
-            in_shardings=(self.param_shardings,),
+            fresh_state,
+            in_shardings=(self.param_shardings, self.router_state_shardings),
             out_shardings=self.state_shardings,
         )
-        del state
-        return fresh(params)
+        return fresh(params, state.get(ROUTER_STATE, {}))
+
+    def _loss_fn(self, params, batch, rng, router_state):
+        """The model's loss, given the router state only by models that have one."""
+        if router_state:
+            return self.model.loss_fn(params, batch, rng, router_state=router_state)
+        return self.model.loss_fn(params, batch, rng)
 
     # --- Steps ----------------------------------------------------------------------------
 
-    def _loss_and_grads(self, params, batch, rng):
-        grad_fn = jax.value_and_grad(self.model.loss_fn, has_aux=True)
+    def _loss_and_grads(self, params, batch, rng, router_state=None):
+        grad_fn = jax.value_and_grad(self._loss_fn, has_aux=True)
 
         def one(batch_part, rng_part):
-            (loss, metrics), grads = grad_fn(params, batch_part, rng_part)
+            (loss, metrics), grads = grad_fn(params, batch_part, rng_part, router_state)
             return grads, {**metrics, "loss": loss}
 
         k = self.num_microbatches
@@ -194,7 +217,11 @@ class Trainer:
     def _train_step(self, state: State, batch: Mapping[str, jax.Array]):
         step = state["step"]
         rng = jax.random.fold_in(jax.random.key(self.seed + 1), step)
-        grads, metrics = self._loss_and_grads(state["params"], batch, rng)
+        router_state = state.get(ROUTER_STATE, {})
+        grads, metrics = self._loss_and_grads(state["params"], batch, rng, router_state)
+        # The step's expert loads, summed over microbatches (and, being global arrays, over
+        # every device): the routers' state moves once per step, after it.
+        router_loads = metrics.pop(ROUTER_LOADS, None)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {
@@ -205,18 +232,27 @@ class Trainer:
             "update_norm": optax.global_norm(updates),
         }
         metrics = jax.tree.map(lambda x: x.astype(jnp.float32), metrics)
-        return {"step": step + 1, "params": params, "opt_state": opt_state}, metrics
+        new_state = {"step": step + 1, "params": params, "opt_state": opt_state}
+        if self.has_router_state:
+            new_state[ROUTER_STATE] = self.model.update_router_state(router_state, router_loads)
+        return new_state, metrics
 
-    def _eval_step(self, params, batch):
-        loss, metrics = self.model.loss_fn(params, batch, None)
+    def _eval_step(self, params, batch, router_state):
+        loss, metrics = self._loss_fn(params, batch, None, router_state)
         return jax.tree.map(lambda x: x.astype(jnp.float32), {**metrics, "loss": loss})
 
-    def evaluate(self, params, batches: Iterable[Mapping[str, np.ndarray]]) -> dict[str, Any]:
-        """Teacher-forced metrics over `batches`, weighted by their number of target tokens."""
+    def evaluate(
+        self,
+        params,
+        batches: Iterable[Mapping[str, np.ndarray]],
+        router_state: Any = None,
+    ) -> dict[str, Any]:
+        """Teacher-forced metrics over `batches`, weighted by their number of target tokens
+        (`router_state`: the train state's, for models whose routers keep state)."""
         totals: dict[str, Any] = {}
         weight_sum = 0.0
         for batch in self._global_batches(batches):
-            metrics = jax.device_get(self.eval_step(params, batch))
+            metrics = jax.device_get(self.eval_step(params, batch, router_state or {}))
             weight = float(metrics.get("num_tokens", 1.0))
             weight_sum += weight
             for name, value in metrics.items():

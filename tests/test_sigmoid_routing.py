@@ -7,7 +7,7 @@ import pytest
 
 from moe.errors import ConfigurationError
 from moe.routing import SigmoidTokenChoice, route_sigmoid_tokens_choose
-from moe.routing.metrics import experts_per_token
+from moe.routing.metrics import expert_demand, experts_per_token
 from moe.routing.sigmoid_token_choice import sequence_balance_loss
 
 G, T, E = 3, 32, 8
@@ -104,3 +104,36 @@ def test_sequence_balance_loss_formula():
 def test_bad_settings_are_configuration_errors(kwargs, field):
     with pytest.raises(ConfigurationError, match=field):
         SigmoidTokenChoice(**kwargs).validate(E)
+
+
+def test_bias_updates_balance_a_skewed_router_without_any_loss():
+    # Every token prefers the low-numbered experts: without a bias, expert 0 takes most tokens.
+    skew = jnp.linspace(3.0, 0.0, E)
+    logits = jax.random.normal(jax.random.key(5), (4, 64, E)) + skew
+    spec = SigmoidTokenChoice(2, bias_update_rate=0.005)
+    state = spec.initial_state(E)
+
+    def imbalance(plan):
+        load = np.asarray(expert_demand(plan))
+        return load.max() / load.mean()
+
+    route = jax.jit(lambda s: spec.route(logits, None, capacity=64, state=s))
+    start = imbalance(route(state))
+    for _ in range(100):
+        state = spec.update_state(state, expert_demand(route(state)))
+    assert start > 2.5
+    assert imbalance(route(state)) < 1.15
+    # The bias moved against the skew: the favoured experts were pushed down.
+    assert float(state["selection_bias"][0]) < 0 < float(state["selection_bias"][-1])
+
+
+def test_the_update_rule_is_a_signed_step_toward_the_mean_load():
+    spec = SigmoidTokenChoice(2, bias_update_rate=0.1)
+    state = {"selection_bias": jnp.zeros(4)}
+    load = jnp.array([[10.0, 2.0, 4.0, 4.0], [1.0, 1.0, 1.0, 1.0]])  # scanned layers: [L, E]
+    new = spec.update_state({"selection_bias": jnp.zeros((2, 4))}, load)["selection_bias"]
+    np.testing.assert_allclose(new, [[-0.1, 0.1, 0.1, 0.1], [0.0, 0.0, 0.0, 0.0]])
+    assert spec.initial_state(4).keys() == {"selection_bias"}
+    assert SigmoidTokenChoice(2).initial_state(4) == {}
+    assert SigmoidTokenChoice(2).update_state({}, load) == {}
+    del state

@@ -240,3 +240,20 @@ def test_bad_token_choice_configs_raise(spec, match):
 def test_wrong_logit_shapes_raise():
     with pytest.raises(ValueError, match=r"\[groups, tokens, experts\]"):
         routing.route_tokens_choose(jnp.zeros((4, 8)), None, num_selected_experts=1, capacity=2)
+
+
+def test_global_batch_balance_loss_lets_groups_specialize():
+    # Group 0's tokens all prefer expert 0, group 1's expert 1: each group is imbalanced,
+    # the batch as a whole is balanced.
+    logits = jnp.stack([jnp.tile(jnp.array([[8.0, 0.0]]), (16, 1)),
+                        jnp.tile(jnp.array([[0.0, 8.0]]), (16, 1))])  # [G=2, T=16, E=2]
+    per_group = TokenChoice(1, balance_scope="group").route(logits, None).auxiliary_loss
+    global_batch = TokenChoice(1, balance_scope="batch").route(logits, None).auxiliary_loss
+    assert float(per_group) == pytest.approx(2.0, abs=1e-3)  # E * f.P with f = P = one-hot
+    assert float(global_batch) == pytest.approx(1.0, abs=1e-3)  # perfectly balanced: k
+    # With one group both scopes count the same tokens.
+    one = logits[:1]
+    assert float(TokenChoice(1, balance_scope="batch").route(one, None).auxiliary_loss) == (
+        pytest.approx(float(TokenChoice(1).route(one, None).auxiliary_loss), rel=1e-6))
+    with pytest.raises(ValueError, match="balance_scope"):
+        TokenChoice(1, balance_scope="sequence").validate(2)

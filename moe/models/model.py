@@ -24,6 +24,7 @@ from moe.models import decoding
 from moe.models.config import TransformerConfig
 from moe.models.losses import cross_entropy_with_logits, moe_losses_and_metrics
 from moe.models.transformer import DecoderOnly, EncoderDecoder
+from moe.routing.shell import ROUTER_LOADS, ROUTER_STATE
 
 Batch = Mapping[str, jax.Array]
 DECODE_METHODS = ("greedy", "sample", "beam")
@@ -92,8 +93,8 @@ class BaseModel(abc.ABC):
         variables = self.module.init(
             {"params": rng, "dropout": rng, "router": rng}, **inputs, deterministic=True
         )
-        # Diagnostics sown during init are not state.
-        return {k: v for k, v in variables.items() if k in ("params",)}
+        # Diagnostics sown during init are not state; routers with state keep it beside.
+        return {k: v for k, v in variables.items() if k in ("params", ROUTER_STATE)}
 
     # --- Loss and score -------------------------------------------------------------------
 
@@ -107,20 +108,30 @@ class BaseModel(abc.ABC):
             raise ValueError(f"The batch lacks {missing}; it has {sorted(batch)}.")
         return {name: batch[name] for name in self.module_inputs if name in batch}
 
-    def _apply(self, params, batch: Batch, dropout_rng: jax.Array | None):
+    @staticmethod
+    def variables(params: Any, router_state: Any = None) -> dict[str, Any]:
+        """The variables to apply the module with: parameters, and the routers' state if any.
+
+        Routers with state (`moe.routing.RouterSpec.initial_state`) read it from the
+        'router_state' collection, which `get_initial_variables` returns beside 'params' and
+        the trainer keeps in its state; every method below takes it as `router_state`.
+        """
+        return {"params": params, **({ROUTER_STATE: router_state} if router_state else {})}
+
+    def _apply(self, params, batch: Batch, dropout_rng: jax.Array | None, router_state=None):
         deterministic = dropout_rng is None
         rngs = None
         if not deterministic:
             dropout, router = jax.random.split(dropout_rng)
             rngs = {"dropout": dropout, "router": router}
         logits, state = self.module.apply(
-            {"params": params},
+            self.variables(params, router_state),
             **self._inputs(batch),
             deterministic=deterministic,
             rngs=rngs,
-            mutable=["moe"],
+            mutable=["moe", ROUTER_LOADS],
         )
-        return logits, state.get("moe")
+        return logits, state.get("moe"), state.get(ROUTER_LOADS)
 
     @staticmethod
     def _loss_weights(batch: Batch) -> jax.Array:
@@ -129,14 +140,20 @@ class BaseModel(abc.ABC):
         return (targets > 0 if weights is None else weights).astype(jnp.float32)
 
     def loss_fn(
-        self, params: Any, batch: Batch, dropout_rng: jax.Array | None
+        self,
+        params: Any,
+        batch: Batch,
+        dropout_rng: jax.Array | None,
+        router_state: Any = None,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Loss of a batch and its metrics; `dropout_rng=None` runs deterministically.
 
         The token losses are normalized by the number of real target tokens (loss weights);
-        the MoE losses are the mean over MoE layers times their factors (T5X).
+        the MoE losses are the mean over MoE layers times their factors (T5X). In training,
+        routers with state add their measured expert loads under `ROUTER_LOADS` (a tree the
+        trainer sums over microbatches and passes to `update_router_state`).
         """
-        logits, moe_state = self._apply(params, batch, dropout_rng)
+        logits, moe_state, router_loads = self._apply(params, batch, dropout_rng, router_state)
         targets = batch["decoder_target_tokens"]
         weights = self._loss_weights(batch)
         token_loss, token_z_loss = cross_entropy_with_logits(
@@ -159,11 +176,33 @@ class BaseModel(abc.ABC):
             "num_tokens": num_tokens,
             **moe_metrics,
         }
+        if router_loads:
+            metrics[ROUTER_LOADS] = router_loads
         return loss + aux_loss + router_z_loss, metrics
 
-    def score_batch(self, params: Any, batch: Batch) -> jax.Array:
+    def update_router_state(self, router_state: Any, router_loads: Any) -> Any:
+        """The routers' state after a train step whose expert loads were `router_loads`.
+
+        Both trees have a node per router with state (the same path); each router's own
+        `update_state` rule applies, the spec found from the stack the path starts with.
+        """
+
+        def visit(state, loads, path):
+            if "expert_load" in loads:
+                return self._router_at(path).update_state(state, loads["expert_load"])
+            return {k: visit(v, loads[k], (*path, k)) if k in loads else v
+                    for k, v in state.items()}
+
+        return visit(router_state, router_loads, ())
+
+    def _router_at(self, path: tuple[str, ...]) -> Any:
+        config = self.module.config
+        sparse = config.encoder_sparse if path[0] == "encoder" else config.decoder_sparse
+        return sparse.router
+
+    def score_batch(self, params: Any, batch: Batch, router_state: Any = None) -> jax.Array:
         """Sum of the target tokens' log-likelihoods per example [batch] (loss weights apply)."""
-        logits, _ = self._apply(params, batch, None)
+        logits, _, _ = self._apply(params, batch, None, router_state)
         return self.sequence_log_likelihood(logits, batch)
 
     def sequence_log_likelihood(self, logits: jax.Array, batch: Batch) -> jax.Array:
@@ -174,11 +213,13 @@ class BaseModel(abc.ABC):
         )[..., 0]
         return jnp.sum(token_ll * self._loss_weights(batch), axis=-1)
 
-    def compute_logits(self, params: Any, batch: Batch) -> tuple[jax.Array, dict[str, Any]]:
+    def compute_logits(
+        self, params: Any, batch: Batch, router_state: Any = None
+    ) -> tuple[jax.Array, dict[str, Any]]:
         """Eval-mode logits [batch, length, vocab] (float32) and what the layers sow into
         'intermediates' (each MoE layer's `router_top1_expert` [batch, length])."""
         logits, state = self.module.apply(
-            {"params": params}, **self._inputs(batch), deterministic=True,
+            self.variables(params, router_state), **self._inputs(batch), deterministic=True,
             mutable=["moe", "intermediates"],
         )
         return logits, dict(state.get("intermediates", {}))
@@ -196,6 +237,7 @@ class BaseModel(abc.ABC):
         beam_size: int = 4,
         alpha: float = 0.6,
         return_scores: bool = False,
+        router_state: Any = None,
     ) -> jax.Array | tuple[jax.Array, jax.Array]:
         """Decoded tokens [batch, length] ('greedy', 'sample' or 'beam'), 0 after EOS.
 
@@ -211,8 +253,8 @@ class BaseModel(abc.ABC):
         if decode_method == "beam" and beam_size < 1:
             raise ConfigurationError(f"beam_size must be >= 1, got {beam_size}.")
         return self._predict_jit(
-            params, dict(batch), rng, decode_method, temperature, topk, beam_size, alpha,
-            return_scores,
+            self.variables(params, router_state), dict(batch), rng, decode_method, temperature,
+            topk, beam_size, alpha, return_scores,
         )
 
     @functools.cached_property
@@ -220,11 +262,11 @@ class BaseModel(abc.ABC):
         return jax.jit(self._predict, static_argnums=(3, 4, 5, 6, 7, 8))
 
     def _predict(
-        self, params, batch, rng, decode_method, temperature, topk, beam_size, alpha,
+        self, variables, batch, rng, decode_method, temperature, topk, beam_size, alpha,
         return_scores,
     ):
         copies = beam_size if decode_method == "beam" else 1
-        step_fn, cache, prompt = self._decoding_setup(params, batch, copies)
+        step_fn, cache, prompt = self._decoding_setup(variables, batch, copies)
         length = batch["decoder_input_tokens"].shape[1]
         n = batch["decoder_input_tokens"].shape[0]
         if decode_method == "beam":
@@ -251,8 +293,9 @@ class BaseModel(abc.ABC):
         return jnp.where(index < length, shifted, 0)
 
     @abc.abstractmethod
-    def _decoding_setup(self, params, batch: Batch, copies: int):
-        """(step_fn, cache for batch * copies rows, prompt kwargs of the decoding loops)."""
+    def _decoding_setup(self, variables, batch: Batch, copies: int):
+        """(step_fn, cache for batch * copies rows, prompt kwargs of the decoding loops);
+        `variables` from `self.variables`."""
 
 
 def _repeat(x: jax.Array, copies: int) -> jax.Array:
@@ -278,13 +321,12 @@ class EncoderDecoderModel(BaseModel):
     def __init__(self, config: TransformerConfig, **kwargs):
         super().__init__(EncoderDecoder(config), **kwargs)
 
-    def _decoding_setup(self, params, batch: Batch, copies: int):
+    def _decoding_setup(self, variables, batch: Batch, copies: int):
         if "encoder_segment_ids" in batch or "decoder_segment_ids" in batch:
             raise ValueError("Decoding does not take packed batches; use pack=False.")
         encoder_tokens = batch["encoder_input_tokens"]
         encoder_tokens = _repeat(encoder_tokens, copies)
         n, length = encoder_tokens.shape[0], batch["decoder_input_tokens"].shape[1]
-        variables = {"params": params}
         encoded = self.module.apply(variables, encoder_tokens, method=EncoderDecoder.encode)
 
         def decode(cache, tokens):
@@ -328,7 +370,7 @@ class DecoderOnlyModel(BaseModel):
     def required_inputs(self) -> tuple[str, ...]:
         return ("decoder_input_tokens",)
 
-    def _decoding_setup(self, params, batch: Batch, copies: int):
+    def _decoding_setup(self, variables, batch: Batch, copies: int):
         if "decoder_segment_ids" in batch:
             raise ValueError("Decoding does not take packed batches; use pack=False.")
         inputs = batch["decoder_input_tokens"].astype(jnp.int32)
@@ -337,7 +379,7 @@ class DecoderOnlyModel(BaseModel):
 
         def apply(cache, tokens, **kwargs):
             return self.module.apply(
-                {"params": params, **cache}, tokens, decode=True, mutable=["cache"], **kwargs
+                {**variables, **cache}, tokens, decode=True, mutable=["cache"], **kwargs
             )
 
         _, cache = apply({}, jnp.zeros((n * copies, length), jnp.int32))

@@ -31,6 +31,7 @@ from moe.models.layers import (
     RmsNorm,
 )
 from moe.moe_layer import MoeLayer
+from moe.routing.shell import ROUTER_LOADS, ROUTER_STATE
 
 
 def attention_bias(mask: jax.Array) -> jax.Array:
@@ -186,6 +187,7 @@ class TransformerLayer(nn.Module):
                 max_group_size=s.group_size,
                 group_formula=s.group_formula,
                 num_expert_replicas=s.num_expert_replicas,
+                router_init_stddev=s.router_init_stddev,
                 num_expert_partitions=s.num_expert_partitions,
                 expert_dropout_rate=s.expert_dropout_rate,
                 dtype=cfg.dtype if s.dtype is None else s.dtype,
@@ -298,7 +300,9 @@ class TransformerStack(nn.Module):
         block_cls = nn.remat(_LayerBlock, prevent_cse=False) if self.config.remat else _LayerBlock
         scanned = nn.scan(
             block_cls,
-            variable_axes={"params": 0, "cache": 0, "moe": 0},
+            variable_axes={
+                "params": 0, "cache": 0, "moe": 0, ROUTER_STATE: 0, ROUTER_LOADS: 0,
+            },
             split_rngs={"params": True, "dropout": True, "router": True},
             in_axes=nn.broadcast,
             length=len(self.layers_sparse) // period,

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from moe.routing import losses
-from moe.routing.interface import NO_NOISE, Causality, RouterNoise
+from moe.routing.interface import NO_NOISE, Causality, RouterNoise, Stateless
 from moe.routing.plan import (
     CapacityFormula,
     RoutingPlan,
@@ -63,7 +63,7 @@ def route_experts_choose(
 
 @register_router
 @dataclasses.dataclass(frozen=True)
-class ExpertChoice:
+class ExpertChoice(Stateless):
     """Expert choice routing: each expert takes its top k_e = cf*T/E tokens of the group.
 
     It compares tokens across the whole group, so in a causal decoder a token's routing depends

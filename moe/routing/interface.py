@@ -34,6 +34,20 @@ class RouterNoise:
 
 NO_NOISE = RouterNoise()
 
+
+class Stateless:
+    """Mixin for routers without state: no initial state, nothing to update."""
+
+    def initial_state(self, num_experts: int) -> dict[str, jax.Array]:
+        del num_experts
+        return {}
+
+    def update_state(
+        self, state: dict[str, jax.Array], expert_load: jax.Array
+    ) -> dict[str, jax.Array]:
+        del expert_load
+        return state
+
 # How a token's routing can depend on later tokens of its routing group:
 #   'causal'                  never: the router may run in a causal decoder.
 #   'leaks_through_capacity'  only through capacity: a later token can take a slot an earlier
@@ -84,6 +98,25 @@ class RouterSpec(Protocol):
         """The randomness this router uses in this mode (`NO_NOISE` when deterministic)."""
         ...
 
+    def initial_state(self, num_experts: int) -> dict[str, jax.Array]:
+        """The router's state at initialization (`{}`: stateless).
+
+        State is not a parameter: it lives in the 'router_state' collection, gets no gradient
+        and no optimizer, is checkpointed with the train state and changes only through
+        `update_state`. A router with state receives it as `route(..., state=...)`.
+        """
+        ...
+
+    def update_state(
+        self, state: dict[str, jax.Array], expert_load: jax.Array
+    ) -> dict[str, jax.Array]:
+        """The state after a train step whose global routing demand was `expert_load`.
+
+        `expert_load` [..., E]: tokens that chose each expert in the step (all devices and
+        microbatches; leading axes for scanned layers), before capacity.
+        """
+        ...
+
     def validate(self, num_experts: int) -> None:
         """Raise a `ConfigurationError` naming the setting and the fix if it cannot work."""
         ...
@@ -103,6 +136,7 @@ class RouterSpec(Protocol):
     ) -> RoutingPlan:
         """Route [G, T, E] float32 logits; `capacity` overrides `self.capacity` (dropless: T).
 
-        `rng` is a key exactly when `noise(deterministic).needs_rng`.
+        `rng` is a key exactly when `noise(deterministic).needs_rng`. Routers with an
+        `initial_state` also take `state=` (the current state, a dict like it).
         """
         ...

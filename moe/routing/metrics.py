@@ -32,6 +32,18 @@ def experts_per_token(plan: RoutingPlan) -> jax.Array:
     return per_token_sum(plan, jnp.ones_like(plan.slot_token))
 
 
+def expert_demand(plan: RoutingPlan) -> jax.Array:
+    """[E] float32: the real tokens that chose each expert, before capacity (token choice), or
+    the slots each expert filled (routers where experts choose)."""
+    num_experts = plan.probs.shape[-1]
+    if plan.choices is not None:
+        selected = plan.choices.selected.astype(jnp.float32)
+        one_hot = jax.nn.one_hot(plan.choices.experts, num_experts) * selected[..., None]
+        return jnp.sum(one_hot, axis=(0, 1, 2))
+    filled = plan.slot_token < plan.padding_mask.shape[1]
+    return jnp.sum(filled.astype(jnp.float32), axis=(0, 2))
+
+
 def routing_diagnostics(plan: RoutingPlan) -> dict[str, jax.Array]:
     """Scalars and small vectors describing one layer's routing for one step."""
     real = plan.padding_mask
@@ -51,11 +63,9 @@ def routing_diagnostics(plan: RoutingPlan) -> dict[str, jax.Array]:
         selected = choices.selected.astype(jnp.float32)
         dropped = (choices.selected & ~choices.kept).astype(jnp.float32)
         drop_by_rank = jnp.sum(dropped, axis=(0, 1)) / jnp.maximum(jnp.sum(selected, (0, 1)), 1.0)
-        demand = jnp.sum(jax.nn.one_hot(choices.experts, num_experts) * selected[..., None],
-                         axis=(0, 1, 2))
     else:
         drop_by_rank = real_mean((count == 0).astype(jnp.float32))[None]
-        demand = jnp.sum(filled.astype(jnp.float32), axis=(0, 2))
+    demand = expert_demand(plan)
     return {
         "auxiliary_loss": plan.auxiliary_loss,
         "router_z_loss": plan.router_z_loss,

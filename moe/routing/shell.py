@@ -9,8 +9,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moe.errors import ConfigurationError
 from moe.routing.interface import RouterSpec
+from moe.routing.metrics import expert_demand
 from moe.routing.plan import RoutingPlan
+
+# Non-parameter collections of routers with state: the state itself, and the routing demand a
+# training step measured (from which the state is updated after the step).
+ROUTER_STATE, ROUTER_LOADS = "router_state", "router_loads"
 
 
 class RouterWeights(nn.Module):
@@ -59,9 +65,33 @@ class Router(nn.Module):
         if noise.logit_jitter > 0:
             logits = logits * self._jitter(logits.shape, noise.logit_jitter)
         rng = self.make_rng("router") if noise.needs_rng else None
-        return self.spec.route(
-            logits, padding_mask, deterministic=deterministic, rng=rng, capacity=capacity
+        state = self._current_state()
+        plan = self.spec.route(
+            logits, padding_mask, deterministic=deterministic, rng=rng, capacity=capacity,
+            **({"state": state} if state else {}),
         )
+        if state and not deterministic:
+            # Summed over the step's microbatches by the trainer, then `spec.update_state`.
+            demand = expert_demand(plan)
+            self.sow(ROUTER_LOADS, "expert_load", demand,
+                     init_fn=lambda: jnp.zeros_like(demand), reduce_fn=jnp.add)
+        return plan
+
+    def _current_state(self) -> dict[str, jax.Array]:
+        """The spec's state, from the 'router_state' collection (created at initialization)."""
+        initial = self.spec.initial_state(self.num_experts)
+        for name in initial:
+            if not self.is_initializing() and not self.has_variable(ROUTER_STATE, name):
+                raise ConfigurationError(
+                    f"{type(self.spec).__name__} keeps state ({name!r}) in the "
+                    f"'{ROUTER_STATE}' collection, which this call did not pass: give the "
+                    "model the router state restored with the parameters (the train state's "
+                    "'router_state')."
+                )
+        return {
+            name: self.variable(ROUTER_STATE, name, lambda v=value: v).value
+            for name, value in initial.items()
+        }
 
     def _jitter(self, shape: tuple[int, ...], eps: float) -> jax.Array:
         """Multiplicative noise U(1 - eps, 1 + eps), training only."""

@@ -8,6 +8,11 @@ of its two best biased affinities, and only the `num_selected_groups` best group
 gates use the unbiased affinities of the chosen experts, normalized to sum 1 and multiplied by
 `routed_scaling_factor`: the bias changes who is chosen, never how much they weigh.
 
+Auxiliary-loss-free balancing (Wang et al. 2024, DeepSeek-V3): with `bias_update_rate` u > 0
+the router keeps b as state, and after each train step `b += u * sign(mean_load - load)` from
+that step's global expert loads (tokens choosing each expert, all devices and microbatches).
+The bias is fixed within a step, so it keeps the router causal.
+
 Capacity, drops and the fill order are those of `TokenChoice`. The optional sequence-wise
 balance loss is DeepSeek-V3's `sum_e f_e P_e` with f_e = E/(k T) * (tokens choosing e) and
 P_e the mean normalized affinity, per routing group (a sequence when GROUP_SIZE = length).
@@ -132,6 +137,8 @@ class SigmoidTokenChoice:
         1 / 1 is plain top-k.
       balance_loss: report the sequence-wise balance loss as the auxiliary loss (weighted by
         the model's aux loss factor, DeepSeek-V3 uses 1e-4); False: no auxiliary loss.
+      bias_update_rate: u of auxiliary-loss-free balancing (DeepSeek-V3: 1e-3); 0 keeps no
+        selection bias.
       capacity_factor, eval_capacity_factor, capacity_formula, min_capacity, fill_order,
         ignore_padding_tokens, allow_causal: as for `TokenChoice`.
     """
@@ -141,6 +148,7 @@ class SigmoidTokenChoice:
     num_expert_groups: int = 1
     num_selected_groups: int = 1
     balance_loss: bool = False
+    bias_update_rate: float = 0.0
     capacity_factor: float = 1.25
     eval_capacity_factor: float | None = None
     capacity_formula: CapacityFormula = "scaled"
@@ -167,8 +175,26 @@ class SigmoidTokenChoice:
         del deterministic
         return NO_NOISE
 
+    def initial_state(self, num_experts: int) -> dict[str, jax.Array]:
+        if self.bias_update_rate == 0:
+            return {}
+        return {"selection_bias": jnp.zeros((num_experts,), jnp.float32)}
+
+    def update_state(
+        self, state: dict[str, jax.Array], expert_load: jax.Array
+    ) -> dict[str, jax.Array]:
+        if not state:
+            return state
+        load = expert_load.astype(jnp.float32)
+        step = jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
+        return {"selection_bias": state["selection_bias"] + self.bias_update_rate * step}
+
     def validate(self, num_experts: int) -> None:
         name = type(self).__name__
+        if self.bias_update_rate < 0:
+            raise ConfigurationError(
+                f"{name}.bias_update_rate must be >= 0, got {self.bias_update_rate}."
+            )
         if not 1 <= self.num_selected_experts <= num_experts:
             raise ConfigurationError(
                 f"{name}.num_selected_experts={self.num_selected_experts} must be between 1 and "
@@ -213,6 +239,7 @@ class SigmoidTokenChoice:
         deterministic: bool = True,
         rng: jax.Array | None = None,
         capacity: int | None = None,
+        state: dict[str, jax.Array] | None = None,
     ) -> RoutingPlan:
         del rng
         _, num_tokens, num_experts = logits.shape
@@ -222,6 +249,7 @@ class SigmoidTokenChoice:
             num_selected_experts=self.num_selected_experts,
             capacity=capacity or self.capacity(num_tokens, num_experts, deterministic),
             routed_scaling_factor=self.routed_scaling_factor,
+            selection_bias=(state or {}).get("selection_bias"),
             num_expert_groups=self.num_expert_groups,
             num_selected_groups=self.num_selected_groups,
             balance_loss=self.balance_loss,

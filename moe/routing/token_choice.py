@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from moe.errors import ConfigurationError
 from moe.routing import losses
-from moe.routing.interface import NO_NOISE, Causality, RouterNoise
+from moe.routing.interface import NO_NOISE, Causality, RouterNoise, Stateless
 from moe.routing.plan import (
     CapacityFormula,
     RoutingPlan,
@@ -100,6 +100,7 @@ def route_tokens_choose(
     normalize_gates: bool = False,
     rng: jax.Array | None = None,
     fill_order: FillOrder = "rank",
+    balance_scope: losses.BalanceScope = "group",
 ) -> RoutingPlan:
     """Token choice top-k routing (k=1 Switch, k=2 GShard) with per-group expert capacity.
 
@@ -158,7 +159,7 @@ def route_tokens_choose(
         probs=probs,
         logits=logits,
         padding_mask=real,
-        auxiliary_loss=losses.load_balancing_loss(probs, top_k_mask, real),
+        auxiliary_loss=losses.load_balancing_loss(probs, top_k_mask, real, balance_scope),
         router_z_loss=losses.router_z_loss(logits, real),
         choices=TokenChoices(experts=experts, gates=gates, selected=selected, kept=kept),
     )
@@ -166,7 +167,7 @@ def route_tokens_choose(
 
 @register_router
 @dataclasses.dataclass(frozen=True)
-class TokenChoice:
+class TokenChoice(Stateless):
     """Token choice top-k routing: k=1 is Switch, k=2 is GShard.
 
     Attributes:
@@ -182,6 +183,8 @@ class TokenChoice:
         capacity, 'rank' lets a later token's first choice displace an earlier token's second
         choice: a causal decoder then leaks the future through capacity (warned); 'token' is
         causal within a routing group.
+      balance_scope: count the balance loss's f and P per routing group ('group', Switch)
+        or over the whole batch ('batch', the global-batch balance loss); see `losses`.
       second_expert_policy: 'all', 'random' (GShard: keep rank 2 iff 2*g2 > u) or 'sampling'.
       normalize_gates: renormalize the combine weights over the chosen k (GShard) instead of the
         raw softmax probabilities (Switch, flaxformer).
@@ -205,6 +208,7 @@ class TokenChoice:
     allow_causal: bool = False
     ignore_padding_tokens: bool = True
     fill_order: FillOrder = "rank"
+    balance_scope: losses.BalanceScope = "group"
 
     @property
     def causality(self) -> Causality:
@@ -247,6 +251,11 @@ class TokenChoice:
             raise ConfigurationError(
                 f"Unknown TokenChoice.fill_order {self.fill_order!r}; use 'rank' or 'token'."
             )
+        if self.balance_scope not in losses.BALANCE_SCOPES:
+            raise ConfigurationError(
+                f"Unknown TokenChoice.balance_scope {self.balance_scope!r}; use 'group' or "
+                "'batch'."
+            )
         if self.jitter_on not in ("inputs", "logits"):
             raise ConfigurationError(
                 f"jitter_on must be 'inputs' or 'logits', got {self.jitter_on!r}."
@@ -285,4 +294,5 @@ class TokenChoice:
             normalize_gates=self.normalize_gates,
             rng=None if deterministic else rng,
             fill_order=self.fill_order,
+            balance_scope=self.balance_scope,
         )

@@ -71,7 +71,7 @@ def _stepped_logits(model, params, batch):
 
     @jax.jit
     def run(params, batch):
-        step_fn, cache, prompt = model._decoding_setup(params, batch, 1)
+        step_fn, cache, prompt = model._decoding_setup(model.variables(params), batch, 1)
         tokens = batch["decoder_input_tokens"]
         prefilled = prompt.get("cache_prefilled", jnp.zeros((tokens.shape[0],), jnp.int32))
 
