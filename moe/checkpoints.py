@@ -1,7 +1,12 @@
 """Orbax checkpoints: periodic asynchronous saves, restore, partial restore and upcycling.
 
+Fine-grained upcycling (DeepSeekMoE-style) splits each dense MLP's hidden units instead of
+copying them: the shared experts take the first units, the E routed experts the rest, f each;
+see `HiddenSplit`.
+
 A checkpoint step directory `MODEL_DIR/checkpoints/<step>/` holds two items:
-- `state`: the train state `{'step', 'params', 'opt_state'}` (Orbax's standard pytree format);
+- `state`: the train state `{'step', 'params', 'opt_state'}`, plus `'router_state'` for
+  routers that keep state (Orbax's standard pytree format);
 - `data`: JSON with the position of the training data iterator, so that a restart continues
   on exactly the examples the run would have seen.
 
@@ -20,6 +25,7 @@ initialization. Sparse upcycling is a partial restore where an expert kernel `[E
 a dense kernel `[...]` from the checkpoint, copied into every expert.
 """
 
+import dataclasses
 import logging
 import os
 import re
@@ -45,8 +51,11 @@ from moe.checkpoint_sources import (
     flatten_params,
     open_param_source,
     resolve_state_dir,
+    unflatten_like,
 )
 from moe.interop import t5x_checkpoint, t5x_gin
+from moe.orbax_arrays import metadata_tree, read_host_arrays
+from moe.routing.shell import ROUTER_STATE
 
 AssignmentMap = Sequence[tuple[str, str | None]]
 
@@ -164,6 +173,77 @@ def _source_for(target: str, assignment_map: AssignmentMap) -> str | None:
     return target
 
 
+@dataclasses.dataclass(frozen=True)
+class HiddenSplit:
+    """Hidden units [start, start + num_experts * units) of a dense MLP kernel along `axis`
+    (wi: the last, wo: the first), as `num_experts` stacked kernels (or one plain kernel)."""
+
+    axis: int
+    start: int
+    units: int
+    num_experts: int | None  # None: a plain (shared-experts) kernel
+
+    def take(self, dense: np.ndarray) -> np.ndarray:
+        count = self.units * (self.num_experts or 1)
+        part = np.take(dense, np.arange(self.start, self.start + count), axis=self.axis)
+        if self.num_experts is None:
+            return part
+        # [d, E*f] -> [E, d, f] (wi), [E*f, d] -> [E, f, d] (wo)
+        pieces = np.split(part, self.num_experts, axis=self.axis)
+        return np.stack(pieces)
+
+
+def _hidden_split(name: str, shape: tuple[int, ...], stored: tuple[int, ...]
+                  ) -> HiddenSplit | None:  # fmt: skip
+    """How an expert or shared-experts MLP kernel takes part of a dense one's hidden units
+    (fine-grained upcycling), or None.
+
+    Routed experts `.../expert/{wi,wi_0,wi_1,wo}` [E, ...] take the dense kernel's last E*f
+    units, expert e the e-th f of them; shared experts `.../shared_experts/...` take the first
+    s. Together they tile the dense units exactly (checked), so with every expert chosen at gate
+    1 the sparse layer computes the dense one.
+    """
+    kernel = name.rsplit("/", 1)[-1]
+    if kernel not in ("wi", "wi_0", "wi_1", "wo"):
+        return None
+    routed, shared = "/expert/" in name, "/shared_experts/" in name
+    if not (routed or shared):
+        return None
+    dense_shape = shape[1:] if routed else shape
+    axis = 0 if kernel == "wo" else len(dense_shape) - 1
+    if len(dense_shape) != len(stored) or any(
+        a != b for i, (a, b) in enumerate(zip(dense_shape, stored)) if i != axis
+    ):
+        return None
+    units, total = dense_shape[axis], stored[axis]
+    if routed:
+        experts = shape[0]
+        if experts * units > total:
+            return None
+        return HiddenSplit(axis, total - experts * units, units, experts)
+    return HiddenSplit(axis, 0, units, None) if units < total else None
+
+
+def _untiled_splits(plan: Mapping[str, Any]) -> list[str]:
+    """Problems where the shared and routed slices of a dense kernel do not tile its units."""
+    by_source: dict[str, list[tuple[str, HiddenSplit]]] = {}
+    for name, entry in plan.items():
+        if entry is not None and isinstance(entry[1], HiddenSplit):
+            by_source.setdefault(entry[0], []).append((name, entry[1]))
+    problems = []
+    for source_name, splits in by_source.items():
+        shared = sum(s.units for _, s in splits if s.num_experts is None)
+        routed_start = {s.start for _, s in splits if s.num_experts is not None}
+        if routed_start != {shared}:
+            problems.append(
+                f"{source_name}: shared experts take its first {shared} hidden units and the "
+                f"routed experts start at {sorted(routed_start)}; fine-grained upcycling needs "
+                "NUM_SHARED_EXPERTS * EXPERT_MLP_DIM + NUM_EXPERTS * EXPERT_MLP_DIM = MLP_DIM "
+                f"of the dense model ({[n for n, _ in splits]})"
+            )
+    return problems
+
+
 def restore_params_from(
     path: str,
     init_params: Any,
@@ -214,16 +294,20 @@ def restore_params_from(
             problems.append(f"{name} <- {source_name}: not in the checkpoint")
             continue
         shape = tuple(leaf.shape)
+        split = _hidden_split(name, shape, stored)
         if stored == source.expected_shape(source_name, shape):
             plan[name] = (source_name, shape)
         elif shape and stored == source.expected_shape(source_name, shape[1:]):
             plan[name] = (source_name, shape[1:])  # upcycling: one copy per expert
+        elif split is not None and stored == source.expected_shape(source_name, stored):
+            plan[name] = (source_name, split)  # fine-grained upcycling: a slice of the units
         else:
             problems.append(
                 f"{name}: the model's shape is {shape}, the checkpoint's "
                 f"{source.native_name(source_name)} has {stored} (this model would need "
                 f"{source.expected_shape(source_name, shape)})"
             )
+    problems += _untiled_splits(plan)
     if strict:
         used = {p[0] for p in plan.values() if p is not None}
         unused = source.unused(used)
@@ -255,7 +339,10 @@ def restore_params_from(
             report[name] = "initialized"
             continue
         source_name, shape = plan[name]
-        value = loaded[source_name].reshape(shape)
+        if isinstance(shape, HiddenSplit):
+            value = shape.take(loaded[source_name])
+        else:
+            value = loaded[source_name].reshape(shape)
         if value.shape != leaf.shape:  # sparse upcycling: one copy of the dense kernel per expert
             value = np.broadcast_to(value, leaf.shape)
         new_leaves[name] = jax.device_put(
@@ -271,6 +358,40 @@ def restore_params_from(
         len(report) - len(initialized), source.description, len(initialized), initialized,
     )
     return params, report
+
+
+def restore_router_state_from(path: str, init_router_state: Any, step: int | None = None) -> Any:
+    """The routers' state (`'router_state'` of our train state) of the checkpoint at `path`, in
+    the shardings of `init_router_state`; `init_router_state` itself when the checkpoint has
+    none (a T5X or converted checkpoint, or one written before the model had router state),
+    with a line saying so. A state of another shape is a `CheckpointError`."""
+    source = open_param_source(path, step)
+    stored = {}
+    if isinstance(source, OrbaxSource):
+        tree = metadata_tree(source.state_dir)
+        if ROUTER_STATE in tree:
+            stored = {k: (tuple(m.shape), m.dtype)
+                      for k, m in flatten_params(tree[ROUTER_STATE]).items()}
+    targets = flatten_params(init_router_state)
+    if not stored:
+        print(f"{source.description} holds no router state: the routers' state starts from "
+              "its initialization.", flush=True)
+        return init_router_state
+    wrong = {k: (tuple(v.shape), stored.get(k, (None,))[0]) for k, v in targets.items()
+             if stored.get(k, (None,))[0] != tuple(v.shape)}
+    if wrong:
+        raise CheckpointError(
+            f"The router state of {source.description} does not fit the model "
+            f"(name: (model shape, checkpoint shape)): {wrong}. Use the model gin the checkpoint "
+            "was trained with."
+        )
+    arrays = read_host_arrays(source.state_dir,
+                              {f"{ROUTER_STATE}/{k}": stored[k] for k in targets})
+    return unflatten_like(init_router_state, {
+        k: jax.device_put(jnp.asarray(arrays[f"{ROUTER_STATE}/{k}"], leaf.dtype),
+                          getattr(leaf, "sharding", None))
+        for k, leaf in targets.items()
+    })
 
 
 def save_params(model_dir: str, params: Any, step: int = 0) -> str:

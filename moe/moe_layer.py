@@ -117,6 +117,9 @@ class MoeLayer(nn.Module):
       kernel_init_scale: variance scale of the expert kernels (T5X MoE configs use 0.1).
       group_formula: 'fewest' (`group_shape`) or 'flaxformer' (`flaxformer_group_shape`).
       num_expert_replicas: the replica count of the 'flaxformer' formula.
+      router_init_stddev: the router kernel's initial stddev (flaxformer's 2e-2: routing
+        starts near uniform); 0 initializes it to zero, so every token scores every expert
+        alike (fine-grained upcycling then computes the dense function exactly).
     """
 
     num_experts: int
@@ -132,6 +135,7 @@ class MoeLayer(nn.Module):
     kernel_init_scale: float = 1.0
     group_formula: str = "fewest"
     num_expert_replicas: int = 1
+    router_init_stddev: float = 2e-2
 
     def check_config(self) -> None:
         """Raise a ConfigurationError naming the problem and the fix for a bad configuration."""
@@ -224,7 +228,9 @@ class MoeLayer(nn.Module):
         grouped = nn.with_logical_constraint(grouped, ("batch", "unmodeled", "embed"))
 
         dropless = self.dispatch == "dropless"
-        plan = Router(self.num_experts, self.router, name="router")(
+        router_init = (nn.initializers.normal(self.router_init_stddev) if self.router_init_stddev
+                       else nn.initializers.zeros)
+        plan = Router(self.num_experts, self.router, router_init, name="router")(
             grouped, real, deterministic=deterministic, capacity=group_size if dropless else None
         )
         experts = MlpExperts(

@@ -47,6 +47,8 @@ class SparseConfig:
         as K_s experts summed. With fine-grained experts (m-way segmented: m*E experts of
         d_ff/m, top m*K), the gins set NUM_EXPERTS, EXPERT_MLP_DIM and NUM_SELECTED_EXPERTS
         directly.
+      router_init_stddev: the router kernel's initial stddev; 0 starts it at zero (see
+        `MoeLayer`).
       dtype: activation dtype of the experts and of dispatch/combine (MOE_TRUNCATED_DTYPE);
         None: the model's dtype. The router always computes in float32.
     """
@@ -66,6 +68,7 @@ class SparseConfig:
     extra_dense_mlp: bool = False
     dtype: Any = None
     num_shared_experts: int = 0
+    router_init_stddev: float = 2e-2
 
     def __post_init__(self):
         if self.num_shared_experts < 0:
