@@ -28,3 +28,16 @@ def test_benchmark_writes_table_rows_and_json(tmp_path, capsys):
 def test_benchmark_rejects_unknown_router():
     with pytest.raises(SystemExit):
         moe_layer.parse_args(["--routers", "top7"])
+
+
+def test_benchmark_rows_for_the_modern_routers(tmp_path):
+    out = tmp_path / "bench.json"
+    moe_layer.main([
+        "--experts", "4", "--routers", "sigmoid_top2_bias,top2_token_major,global_batch_top2",
+        "--dispatches", "index", "--batch", "2", "--length", "16", "--d_model", "8",
+        "--d_ff", "16", "--group_size", "16", "--steps", "2", "--warmup", "1",
+        "--json", str(out),
+    ])
+    rows = {r["router"]: r for r in json.loads(out.read_text())["rows"]}
+    assert {"dense", "sigmoid_top2_bias", "top2_token_major", "global_batch_top2"} <= set(rows)
+    assert all(r["ratio_to_dense"] > 0 for name, r in rows.items() if name != "dense")

@@ -17,6 +17,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -24,7 +25,14 @@ import jax.numpy as jnp
 
 from moe.activations import apply_activation, num_input_projections
 from moe.moe_layer import MoeLayer
-from moe.routing import CappedExpertChoice, ExpertChoice, RouterSpec, TokenChoice
+from moe.routing import (
+    CappedExpertChoice,
+    ExpertChoice,
+    RouterSpec,
+    SigmoidTokenChoice,
+    TokenChoice,
+)
+from moe.routing.shell import ROUTER_STATE
 
 
 def router_specs(capacity_factor: float) -> dict[str, RouterSpec]:
@@ -39,6 +47,13 @@ def router_specs(capacity_factor: float) -> dict[str, RouterSpec]:
         "capped_expert_choice": CappedExpertChoice(
             capacity_factor=capacity_factor, max_experts_per_token=2
         ),
+        "top2_token_major": TokenChoice(2, capacity_factor=capacity_factor, fill_order="token"),
+        "sigmoid_top2_bias": SigmoidTokenChoice(
+            2, capacity_factor=capacity_factor, routed_scaling_factor=2.5,
+            bias_update_rate=1e-3,
+        ),
+        "global_batch_top2": TokenChoice(2, capacity_factor=capacity_factor,
+                                         balance_scope="batch"),
     }
 
 
@@ -60,9 +75,12 @@ class DenseFfn(nn.Module):
         return hidden @ self.param("wo", init, (self.d_ff, d_model))
 
 
-def _moe_objective(layer: MoeLayer) -> Callable:
+def _moe_objective(layer: MoeLayer, router_state: Any) -> Callable:
+    """sum(out) + 0.01 aux + 0.001 z; `router_state`: the layer's state variables, if any."""
+    state_variables = {ROUTER_STATE: router_state} if router_state else {}
+
     def objective(params, x):
-        y, state = layer.apply({"params": params}, x, mutable=["moe"])
+        y, state = layer.apply({"params": params, **state_variables}, x, mutable=["moe"])
         diagnostics = state["moe"]["diagnostics"][0]
         aux, z = diagnostics["auxiliary_loss"], diagnostics["router_z_loss"]
         return jnp.sum(y) + 0.01 * aux + 0.001 * z
@@ -125,8 +143,9 @@ def run(args: argparse.Namespace) -> list[dict]:
                     dispatch=dispatch,
                     max_group_size=args.group_size,
                 )
-                params = nn.meta.unbox(layer.init(jax.random.key(1), x)["params"])
-                result = time_step(_moe_objective(layer), params, x, args.steps, args.warmup)
+                variables = nn.meta.unbox(layer.init(jax.random.key(1), x))
+                objective = _moe_objective(layer, variables.get(ROUTER_STATE))
+                result = time_step(objective, variables["params"], x, args.steps, args.warmup)
                 capacity = spec.capacity(args.group_size, num_experts, deterministic=False)
                 result["ratio_to_dense"] = reference["median_step_s"] / result["median_step_s"]
                 rows.append(
