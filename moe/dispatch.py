@@ -28,18 +28,27 @@ def _dispatch_mask(plan: RoutingPlan, dtype: jnp.dtype) -> jax.Array:
 
 
 def dispatch_by_mask(x: jax.Array, plan: RoutingPlan) -> jax.Array:
-    """x [G, T, d] -> expert buffers [G, E, C, d]."""
-    return jnp.einsum("gtd,gect->gecd", x, _dispatch_mask(plan, x.dtype))
+    """x [G, T, d] -> expert buffers [G, E, C, d] (soft plans: weighted mixes of tokens)."""
+    weights = _dispatch_mask(plan, x.dtype) if plan.soft is None else plan.soft.dispatch
+    return jnp.einsum("gtd,gect->gecd", x, weights.astype(x.dtype))
 
 
 def combine_by_mask(expert_out: jax.Array, plan: RoutingPlan) -> jax.Array:
     """Expert outputs [G, E, C, d] -> weighted sum per token [G, T, d] (float32)."""
-    combine = _dispatch_mask(plan, jnp.float32) * plan.slot_weight[..., None]
+    if plan.soft is None:
+        combine = _dispatch_mask(plan, jnp.float32) * plan.slot_weight[..., None]
+    else:
+        combine = plan.soft.combine
     return jnp.einsum("gecd,gect->gtd", expert_out.astype(jnp.float32), combine)
 
 
 def dispatch_by_index(x: jax.Array, plan: RoutingPlan) -> jax.Array:
     """x [G, T, d] -> expert buffers [G, E, C, d] by gathering slot tokens (empty slots: 0)."""
+    if plan.soft is not None:
+        raise ConfigurationError(
+            "This router's slots mix every token of the group (Soft MoE): only "
+            "dispatch='mask' can compute them. Set the sparse config's dispatch to 'mask'."
+        )
     num_groups, num_experts, capacity = plan.slot_token.shape
     padded = jnp.pad(x, ((0, 0), (0, 1), (0, 0)))  # row T is the zero token of empty slots
     flat = plan.slot_token.reshape(num_groups, num_experts * capacity)

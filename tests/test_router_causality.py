@@ -54,7 +54,8 @@ DEFAULTS = {f"{name}()" for name in ROUTERS}
 
 def _logits_fn(spec):
     router = dataclasses.replace(spec, allow_causal=True)
-    sparse = SparseConfig(num_sparse_layers=1, num_experts=4, router=router, group_size=LENGTH)
+    sparse = SparseConfig(num_sparse_layers=1, num_experts=4, router=router, group_size=LENGTH,
+                          dispatch="mask")  # the one dispatch every router supports
     config = tiny_config(num_encoder_layers=0, encoder_sparse=SparseConfig(),
                          decoder_sparse=sparse, num_decoder_layers=2, dropout_rate=0.1)
     model = decoder_model(config)

@@ -26,6 +26,7 @@ from moe.routing import (
     losses,
     register_router,
 )
+from moe.routing.interface import Stateless
 from moe.routing.plan import real_mask
 from moe.routing.token_choice import TokenChoices, slots_from_choices
 from tests.models.helpers import encdec_model, tiny_config
@@ -33,8 +34,11 @@ from tests.models.helpers import encdec_model, tiny_config
 
 @register_router
 @dataclasses.dataclass(frozen=True)
-class PositionHashRouter:
-    """Token t of a group goes to expert t mod E, weighted by its router probability."""
+class PositionHashRouter(Stateless):
+    """Token t of a group goes to expert t mod E, weighted by its router probability.
+
+    `Stateless` gives it no router state and one logit per expert; it implements the rest.
+    """
 
     capacity_factor: float = 1.0
     ignore_padding_tokens: bool = True
@@ -42,7 +46,8 @@ class PositionHashRouter:
 
     causality = "causal"
     supports_dropless = True
-    experts_per_token = 1.0
+    def experts_per_token(self, group_size, num_experts):
+        return 1.0
 
     def noise(self, deterministic):
         return NO_NOISE
@@ -146,4 +151,4 @@ def test_parameter_counts_read_experts_per_token_from_the_router():
     assert one.total == two.total and one.expert > 0
     # 4 experts per layer, 1 reached per token: a quarter of the expert parameters is activated.
     assert one.activated == pytest.approx(one.total - one.expert + one.expert / 4)
-    assert SparseConfig(router=PositionHashRouter()).router.experts_per_token == 1.0
+    assert SparseConfig(router=PositionHashRouter()).router.experts_per_token(64, 4) == 1.0

@@ -27,7 +27,7 @@ class ParameterCount:
 
 def experts_per_token(sparse: SparseConfig) -> float:
     """Average experts a token is processed by (without drops)."""
-    return sparse.router.experts_per_token
+    return sparse.router.experts_per_token(sparse.group_size, sparse.num_experts)
 
 
 def total_size(params: Any) -> int:

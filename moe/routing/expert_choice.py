@@ -89,9 +89,9 @@ class ExpertChoice(Stateless):
         """Each expert takes a fixed number of tokens: there is no drop-free capacity."""
         return False
 
-    @property
-    def experts_per_token(self) -> float:
+    def experts_per_token(self, group_size: int, num_experts: int) -> float:
         """Slots are cf times the tokens, so a token reaches cf experts on average."""
+        del group_size, num_experts
         return float(self.capacity_factor)
 
     def noise(self, deterministic: bool) -> RouterNoise:

@@ -36,7 +36,10 @@ NO_NOISE = RouterNoise()
 
 
 class Stateless:
-    """Mixin for routers without state: no initial state, nothing to update."""
+    """Mixin for routers without state (nothing to initialize or update) and with one router
+    logit per expert."""
+
+    logits_per_expert = 1
 
     def initial_state(self, num_experts: int) -> dict[str, jax.Array]:
         del num_experts
@@ -75,6 +78,7 @@ class RouterSpec(Protocol):
 
     ignore_padding_tokens: bool
     allow_causal: bool
+    logits_per_expert: int  # router outputs per expert: 1, or Soft MoE's slots per expert
 
     @property
     def causality(self) -> Causality:
@@ -89,9 +93,9 @@ class RouterSpec(Protocol):
         """Whether the router can route with capacity T (no drops): the 'dropless' dispatch."""
         ...
 
-    @property
-    def experts_per_token(self) -> float:
-        """Experts an average token is processed by, without drops (activated parameters)."""
+    def experts_per_token(self, group_size: int, num_experts: int) -> float:
+        """Experts an average token is processed by in groups of `group_size` tokens, without
+        drops: what a token's expert compute costs, in experts (activated parameters)."""
         ...
 
     def noise(self, deterministic: bool) -> RouterNoise:

@@ -33,6 +33,19 @@ class TokenChoices:
 
 
 @struct.dataclass
+class SoftWeights:
+    """Dense dispatch and combine weights of routers whose slots mix tokens (Soft MoE).
+
+    A slot's input is `sum_t dispatch[g, e, c, t] x[g, t]` and a token's output
+    `sum_{e,c} combine[g, e, c, t] y[g, e, c]`: the mask dispatch with these weights in place
+    of the one-hot slot assignment and the slot weights.
+    """
+
+    dispatch: jax.Array  # [G, E, C, T] float32, each slot's weights over the tokens
+    combine: jax.Array  # [G, E, C, T] float32, each token's weights over the slots
+
+
+@struct.dataclass
 class RoutingPlan:
     """Which token goes to which expert slot, with which weight, and what the router costs.
 
@@ -48,6 +61,9 @@ class RoutingPlan:
     auxiliary_loss: jax.Array  # scalar
     router_z_loss: jax.Array  # scalar
     choices: TokenChoices | None = None  # routers where tokens choose experts only
+    # Routers whose slots mix tokens only. `slot_token` then names each slot's largest
+    # contributor (for the diagnostics); only the mask dispatch reads the weights.
+    soft: SoftWeights | None = None
 
     @property
     def capacity(self) -> int:

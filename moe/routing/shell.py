@@ -60,8 +60,9 @@ class Router(nn.Module):
         if noise.input_jitter > 0:
             x = x * self._jitter(x.shape, noise.input_jitter)
         # Parameter path router/router_weights/w, as in flaxformer checkpoints.
-        w = RouterWeights(self.num_experts, self.kernel_init, name="router_weights")(x.shape[-1])
-        logits = jnp.einsum("gtd,de->gte", x, w)  # [G, T, E]
+        outputs = self.num_experts * self.spec.logits_per_expert
+        w = RouterWeights(outputs, self.kernel_init, name="router_weights")(x.shape[-1])
+        logits = jnp.einsum("gtd,de->gte", x, w)  # [G, T, E * logits_per_expert]
         if noise.logit_jitter > 0:
             logits = logits * self._jitter(logits.shape, noise.logit_jitter)
         rng = self.make_rng("router") if noise.needs_rng else None

@@ -157,6 +157,8 @@ class SigmoidTokenChoice:
     ignore_padding_tokens: bool = True
     allow_causal: bool = False
 
+    logits_per_expert = 1
+
     @property
     def causality(self) -> Causality:
         if self.num_selected_experts > 1 and self.fill_order == "rank":
@@ -167,8 +169,8 @@ class SigmoidTokenChoice:
     def supports_dropless(self) -> bool:
         return True
 
-    @property
-    def experts_per_token(self) -> float:
+    def experts_per_token(self, group_size: int, num_experts: int) -> float:
+        del group_size, num_experts
         return float(self.num_selected_experts)
 
     def noise(self, deterministic: bool) -> RouterNoise:

@@ -222,8 +222,8 @@ class TokenChoice(Stateless):
     def supports_dropless(self) -> bool:
         return True
 
-    @property
-    def experts_per_token(self) -> float:
+    def experts_per_token(self, group_size: int, num_experts: int) -> float:
+        del group_size, num_experts
         return float(self.num_selected_experts)
 
     def noise(self, deterministic: bool) -> RouterNoise:

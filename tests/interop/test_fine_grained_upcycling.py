@@ -84,7 +84,8 @@ def test_upcycled_model_computes_the_dense_function_then_trains(dense_checkpoint
 def test_slices_that_do_not_tile_the_dense_units_are_refused(dense_checkpoint):
     path, _, _ = dense_checkpoint
     # 1 shared + 2 routed experts of 16 units cover 48 of the 64 dense units.
-    model = _model([*FINE_GRAINED, "NUM_EXPERTS = 2", "SigmoidTokenChoice.num_selected_experts = 2"])
+    model = _model([*FINE_GRAINED, "NUM_EXPERTS = 2",
+                    "SigmoidTokenChoice.num_selected_experts = 2"])
     with pytest.raises(CheckpointError, match="NUM_SHARED_EXPERTS"):
         checkpoints.restore_params_from(str(path), abstract_params(model),
                                         upcycle_assignment_map())
