@@ -29,13 +29,23 @@ INSTALL_REQUIRES = [
     "matplotlib==3.11.2",
 ]
 
+# The gin files are data in two folders without `__init__.py`; setuptools treats such folders as
+# namespace packages, so they are listed as packages (else it warns that their files would be
+# ignored). `package_dir` says every package sits at the project root: an editable install is
+# then a plain path entry instead of an import hook, which setuptools installs without notices.
+GIN_FOLDERS = ["gin_configs.models", "gin_configs.runs"]
+
 setup(
     name="moe",
     version="0.1.0",
     description="JAX/Flax mixture-of-experts research codebase (T5X/flaxformer conventions).",
     python_requires=">=3.10",
-    packages=find_packages(include=["moe", "moe.*", "seqio_tasks", "seqio_tasks.*", "gin_configs"]),
-    package_data={"gin_configs": ["*.gin", "models/*.gin", "runs/*.gin"]},
+    package_dir={"": "."},
+    packages=[
+        *find_packages(include=["moe", "moe.*", "seqio_tasks", "seqio_tasks.*", "gin_configs"]),
+        *GIN_FOLDERS,
+    ],
+    package_data={folder: ["*.gin"] for folder in GIN_FOLDERS},
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "ruff==0.17.6"]},

@@ -17,6 +17,8 @@ exit with status 2 and one `error:` line.
 
 import sys
 
+import moe.quiet_logs  # noqa: F401 - first: quiets TensorFlow's start-up before it loads
+
 if __name__ == "__main__":
     from moe.convert import main  # gin registers the importable module's configurables once
 

@@ -12,6 +12,7 @@ and skips that many batches, so it continues on exactly the examples it would ha
 
 import dataclasses
 import difflib
+import functools
 import importlib
 import queue
 import threading
@@ -86,8 +87,9 @@ def get_dataset(
     examples, which carry zero loss weight.
     """
     if cfg.batch_size % num_shards:
-        raise ValueError(
-            f"BATCH_SIZE={cfg.batch_size} is not divisible by the {num_shards} data shards."
+        raise ConfigurationError(
+            f"BATCH_SIZE={cfg.batch_size} is not divisible by the {num_shards} data shards "
+            "(hosts); choose a multiple of it."
         )
     get_task(cfg)
     ds = seqio.get_dataset(
@@ -105,7 +107,7 @@ def get_dataset(
     per_host = cfg.batch_size // num_shards
     if drop_remainder:
         return ds.batch(per_host, drop_remainder=True)
-    return ds.padded_batch(per_host).map(lambda b: _pad_batch(b, per_host))
+    return ds.padded_batch(per_host).map(functools.partial(_pad_batch, size=per_host))
 
 
 def _pad_batch(batch, size):

@@ -15,6 +15,8 @@ the folder bound to `seqio_tasks.config.data_paths.bigbench_dir` (see `moe.evalu
 
 import sys
 
+import moe.quiet_logs  # noqa: F401 - first: quiets TensorFlow's start-up before it loads
+
 if __name__ == "__main__":
     from moe.eval import main  # gin registers the importable module's configurables once
 

@@ -32,6 +32,7 @@ import seqio
 import tensorflow as tf
 
 from moe import checkpoints, data
+from moe.errors import ConfigurationError
 from moe.partitioning import Partitioner
 from moe.routing.shell import ROUTER_STATE
 
@@ -128,6 +129,7 @@ def restore_for_inference(
     onto a mesh of the given partitions."""
     checkpoints.directory_is_writable(output_dir)
     task = data.get_task(cfg)
+    require_metric_fns(task, cfg)
     partitioner = Partitioner(num_expert_partitions, num_model_partitions)
     params, router_state = load_variables(model, checkpoint_path, cfg, partitioner,
                                           checkpoint_step)
@@ -161,6 +163,19 @@ def make_evaluator(model: Any, cfg: data.DatasetConfig,
         )
     finally:
         absl_logger.removeFilter(drop)
+
+
+def require_metric_fns(task: seqio.Task | seqio.Mixture, cfg: data.DatasetConfig) -> None:
+    """Refuse a task that `seqio.Evaluator` would skip: it evaluates (and so predicts for) only
+    tasks with metric functions, and would otherwise end with an empty result."""
+    tasks = task.tasks if isinstance(task, seqio.Mixture) else [task]
+    if not any(t.metric_fns for t in tasks):
+        raise ConfigurationError(
+            f"MIXTURE_OR_TASK_NAME={cfg.mixture_or_task_name!r} has no task with metric "
+            f"functions on split {cfg.split!r}, so seqio.Evaluator has nothing to evaluate or "
+            "predict. Use a task with metrics (GLUE, SuperGLUE, BIG-bench), not a pretraining "
+            "task."
+        )
 
 
 def evaluator_metrics(

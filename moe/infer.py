@@ -11,6 +11,8 @@ evaluation.
 
 import sys
 
+import moe.quiet_logs  # noqa: F401 - first: quiets TensorFlow's start-up before it loads
+
 if __name__ == "__main__":
     from moe.infer import main  # gin registers the importable module's configurables once
 

@@ -22,6 +22,8 @@ another codebase's at the last bit instead of within fusion-dependent rounding.
 import os
 import sys
 
+import moe.quiet_logs  # noqa: F401 - first: quiets TensorFlow's start-up before it loads
+
 if __name__ == "__main__":
     from moe.logits import main  # gin registers the importable module's configurables once
 

@@ -14,6 +14,8 @@ eval period, and ends with a final checkpoint, evaluation and plots.
 
 import sys
 
+import moe.quiet_logs  # noqa: F401 - first: quiets TensorFlow's start-up before it loads
+
 if __name__ == "__main__":
     # Run the importable `moe.train`, so that gin registers its configurables once (as
     # `moe.train.train`, not also as `__main__.train`).

@@ -156,3 +156,13 @@ def test_eval_entry_point_says_how_to_point_at_bigbench(tmp_path, capsys, monkey
     assert code == 2
     assert "no BIG-bench folder is configured" in err
     assert "--gin.seqio_tasks.config.data_paths.bigbench_dir=" in err
+
+
+def test_eval_of_a_task_without_metrics_is_an_error_before_the_restore(tmp_path, capsys):
+    code, err = _eval_main(
+        capsys, "--gin.CHECKPOINT_PATH='/nowhere'", f"--gin.EVAL_OUTPUT_DIR='{tmp_path}'",
+        "--gin.MIXTURE_OR_TASK_NAME='pydoc_topics_span_corruption'",
+        "--gin.eval/DatasetConfig.module='seqio_tasks'",
+    )  # fmt: skip
+    assert code == 2 and err.startswith("error: ")
+    assert "pydoc_topics_span_corruption" in err and "no task with metric functions" in err
