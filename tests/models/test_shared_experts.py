@@ -76,3 +76,19 @@ def test_tiny_deepseek_gins_build_with_sigmoid_routers_and_shared_experts(name):
     assert config.decoder_sparse.router.causality == "causal"
     count = count_parameters(model)
     assert count.activated == pytest.approx(count.total - count.expert * 13 / 16)
+
+
+def test_deepseek_decoder_only_reference_config():
+    model = _gin_model("decoder_only_deepseek_0p1b")
+    sparse = model.module.config.decoder_sparse
+    assert sparse.router.bias_update_rate == 1e-3 and sparse.router.causality == "causal"
+    count = count_parameters(model)
+    dense_ff, expert_ff, d = 3072, 768, 768
+    # 6 sparse layers of 64 routed experts and 2 shared ones (the experts' gelu: wi, wo) and a
+    # router, each replacing a dense gated-gelu MLP (wi_0, wi_1, wo).
+    routed = 64 * 2 * d * expert_ff
+    assert count.expert == 6 * routed
+    dense = count_parameters(_gin_model("decoder_only_0p1b_dense"))
+    per_layer = routed + 2 * d * 2 * expert_ff + d * 64 - 3 * d * dense_ff
+    assert count.total == dense.total + 6 * per_layer
+    assert count.activated == pytest.approx(count.total - count.expert * (1 - 6 / 64))
