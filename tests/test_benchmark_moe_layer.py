@@ -33,11 +33,17 @@ def test_benchmark_rejects_unknown_router():
 def test_benchmark_rows_for_the_modern_routers(tmp_path):
     out = tmp_path / "bench.json"
     moe_layer.main([
-        "--experts", "4", "--routers", "sigmoid_top2_bias,top2_token_major,global_batch_top2",
-        "--dispatches", "index", "--batch", "2", "--length", "16", "--d_model", "8",
+        "--experts", "4",
+        "--routers", "sigmoid_top2_bias,top2_token_major,global_batch_top2,soft_moe",
+        "--dispatches", "index,mask", "--batch", "2", "--length", "16", "--d_model", "8",
         "--d_ff", "16", "--group_size", "16", "--steps", "2", "--warmup", "1",
         "--json", str(out),
     ])
-    rows = {r["router"]: r for r in json.loads(out.read_text())["rows"]}
-    assert {"dense", "sigmoid_top2_bias", "top2_token_major", "global_batch_top2"} <= set(rows)
-    assert all(r["ratio_to_dense"] > 0 for name, r in rows.items() if name != "dense")
+    rows = {(r["router"], r["dispatch"]): r for r in json.loads(out.read_text())["rows"]}
+    routers = ("sigmoid_top2_bias", "top2_token_major", "global_batch_top2")
+    assert {(r, d) for r in routers for d in ("index", "mask")} <= set(rows)
+    # Soft MoE runs with the mask dispatch only (its index row is skipped, saying why);
+    # slots = tokens: 16 tokens over 4 experts give 4 slots each.
+    assert ("soft_moe", "mask") in rows and ("soft_moe", "index") not in rows
+    assert rows[("soft_moe", "mask")]["capacity"] == 4
+    assert all(r["ratio_to_dense"] > 0 for (name, _), r in rows.items() if name != "dense")

@@ -24,18 +24,22 @@ import jax
 import jax.numpy as jnp
 
 from moe.activations import apply_activation, num_input_projections
+from moe.errors import ConfigurationError
 from moe.moe_layer import MoeLayer
 from moe.routing import (
     CappedExpertChoice,
     ExpertChoice,
     RouterSpec,
     SigmoidTokenChoice,
+    SoftMoe,
     TokenChoice,
 )
 from moe.routing.shell import ROUTER_STATE
 
 
-def router_specs(capacity_factor: float) -> dict[str, RouterSpec]:
+def router_specs(
+    capacity_factor: float, group_size: int = 4096, num_experts: int = 8
+) -> dict[str, RouterSpec]:
     """The routers compared; top-2 appears with both capacity formulas (see WORKSPACE.md)."""
     return {
         "top1": TokenChoice(1, capacity_factor=capacity_factor),
@@ -54,6 +58,9 @@ def router_specs(capacity_factor: float) -> dict[str, RouterSpec]:
         ),
         "global_batch_top2": TokenChoice(2, capacity_factor=capacity_factor,
                                          balance_scope="batch"),
+        # Slots = cf x tokens (E * p = cf * group size; cf 1 is the paper's setting).
+        "soft_moe": SoftMoe(slots_per_expert=max(1, round(capacity_factor * group_size
+                                                          / num_experts))),
     }
 
 
@@ -118,9 +125,9 @@ def time_step(
 
 def run(args: argparse.Namespace) -> list[dict]:
     x = jax.random.normal(jax.random.key(0), (args.batch, args.length, args.d_model), jnp.float32)
-    specs = router_specs(args.capacity_factor)
     rows = []
     for num_experts in args.experts:
+        specs = router_specs(args.capacity_factor, args.group_size, num_experts)
         dense = DenseFfn(args.d_ff, args.activation)
         dense_params = dense.init(jax.random.key(1), x)["params"]
         reference = time_step(_dense_objective(dense), dense_params, x, args.steps, args.warmup)
@@ -143,7 +150,11 @@ def run(args: argparse.Namespace) -> list[dict]:
                     dispatch=dispatch,
                     max_group_size=args.group_size,
                 )
-                variables = nn.meta.unbox(layer.init(jax.random.key(1), x))
+                try:
+                    variables = nn.meta.unbox(layer.init(jax.random.key(1), x))
+                except ConfigurationError as e:  # e.g. Soft MoE runs with the mask dispatch only
+                    print(f"{num_experts:>4} {router:<26} {dispatch:<9} skipped: {e}")
+                    continue
                 objective = _moe_objective(layer, variables.get(ROUTER_STATE))
                 result = time_step(objective, variables["params"], x, args.steps, args.warmup)
                 capacity = spec.capacity(args.group_size, num_experts, deterministic=False)
