@@ -89,11 +89,11 @@ GROUP_FORMULAS = ("fewest", "flaxformer")
 def _warn_capacity_leak(router: RouterSpec) -> None:
     """Say once per router configuration that it leaks the future through capacity."""
     logging.warning(
-        "%s in a causal stack: with a capacity, a later token's first choice can take the slot "
-        "an earlier token's second choice needed, so training leaks the future through "
-        "capacity (as GShard and flaxformer decoders do). TokenChoice.fill_order='token' or "
-        "dispatch='dropless' is causal; allow_causal=True silences this warning.",
-        router,
+        "%s with fill_order='rank' in a causal stack: with a capacity, a later token's first "
+        "choice can take the slot an earlier token's second choice needed, so training leaks "
+        "the future through capacity (as GShard and flaxformer decoders do). "
+        "fill_order='token' or dispatch='dropless' is causal; allow_causal=True silences this.",
+        type(router).__name__,
     )
 
 
