@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 
 from moe.errors import ConfigurationError
+from moe.routing.interface import DISPATCHES
 from moe.routing.plan import RoutingPlan
 
-DISPATCH_NAMES = ("mask", "index", "dropless")
+DISPATCH_NAMES = DISPATCHES
 
 
 def _dispatch_mask(plan: RoutingPlan, dtype: jnp.dtype) -> jax.Array:
@@ -44,11 +45,6 @@ def combine_by_mask(expert_out: jax.Array, plan: RoutingPlan) -> jax.Array:
 
 def dispatch_by_index(x: jax.Array, plan: RoutingPlan) -> jax.Array:
     """x [G, T, d] -> expert buffers [G, E, C, d] by gathering slot tokens (empty slots: 0)."""
-    if plan.soft is not None:
-        raise ConfigurationError(
-            "This router's slots mix every token of the group (Soft MoE): only "
-            "dispatch='mask' can compute them. Set the sparse config's dispatch to 'mask'."
-        )
     num_groups, num_experts, capacity = plan.slot_token.shape
     padded = jnp.pad(x, ((0, 0), (0, 1), (0, 0)))  # row T is the zero token of empty slots
     flat = plan.slot_token.reshape(num_groups, num_experts * capacity)

@@ -146,11 +146,15 @@ class MoeLayer(nn.Module):
             raise ConfigurationError(
                 f"Unknown dispatch {self.dispatch!r}; choose one of {list(DISPATCH_NAMES)}."
             )
-        if self.dispatch == "dropless" and not self.router.supports_dropless:
+        if self.dispatch not in self.router.dispatches:
+            why = {
+                "dropless": "works with token choice only (routers that can route without "
+                "capacity)",
+                "index": "needs slots that each hold one token",
+            }.get(self.dispatch, "is not one this router supports")
             raise ConfigurationError(
-                "dispatch='dropless' works with token choice only (routers that can route "
-                f"without capacity); {type(self.router).__name__} gives each expert a fixed "
-                "number of tokens. Use dispatch='index' or 'mask'."
+                f"dispatch={self.dispatch!r} {why}; {type(self.router).__name__} runs with "
+                f"{list(self.router.dispatches)}. Use dispatch={self.router.dispatches[0]!r}."
             )
         if self.num_expert_partitions < 1 or self.num_experts % self.num_expert_partitions:
             raise ConfigurationError(

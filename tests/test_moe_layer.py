@@ -60,7 +60,7 @@ def test_mask_index_dropless_agree_forward_and_grads(router, activation):
     spec = ROUTERS[router]
     x = _inputs()
     drops = router.endswith("with_drops")
-    dropless_ok = spec.supports_dropless and not drops
+    dropless_ok = "dropless" in spec.dispatches and not drops
     dispatches = ["mask", "index"] + (["dropless"] if dropless_ok else [])
     results = {}
     for dispatch in dispatches:
@@ -69,7 +69,7 @@ def test_mask_index_dropless_agree_forward_and_grads(router, activation):
         params = init(layer, x)
         results[dispatch] = _loss_and_grads(layer, params, x)
     ref = results["index"]
-    if spec.supports_dropless:  # dropless equals capacity modes only without drops
+    if "dropless" in spec.dispatches:  # dropless equals capacity modes only without drops
         layer = MoeLayer(8, 32, router=spec, activation=activation, max_group_size=48)
         _, state = jitted(layer)({"params": params}, x)
         dropped = state["moe"]["diagnostics"][0]["drop_fraction_by_rank"]

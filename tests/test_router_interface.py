@@ -18,15 +18,16 @@ from moe.models.config import SparseConfig
 from moe.models.param_count import count_parameters
 from moe.moe_layer import MoeLayer
 from moe.routing import (
-    NO_NOISE,
     ROUTERS,
+    ExpertChoice,
     RouterSpec,
     RoutingPlan,
+    SoftMoe,
     TokenChoice,
     losses,
     register_router,
 )
-from moe.routing.interface import Stateless
+from moe.routing.interface import DISPATCHES, RouterDefaults
 from moe.routing.plan import real_mask
 from moe.routing.token_choice import TokenChoices, slots_from_choices
 from tests.models.helpers import encdec_model, tiny_config
@@ -34,10 +35,11 @@ from tests.models.helpers import encdec_model, tiny_config
 
 @register_router
 @dataclasses.dataclass(frozen=True)
-class PositionHashRouter(Stateless):
+class PositionHashRouter(RouterDefaults):
     """Token t of a group goes to expert t mod E, weighted by its router probability.
 
-    `Stateless` gives it no router state and one logit per expert; it implements the rest.
+    `RouterDefaults` gives it no noise, no router state and one logit per expert; it
+    implements the rest.
     """
 
     capacity_factor: float = 1.0
@@ -45,12 +47,10 @@ class PositionHashRouter(Stateless):
     allow_causal: bool = False
 
     causality = "causal"
-    supports_dropless = True
+    dispatches = DISPATCHES
+
     def experts_per_token(self, group_size, num_experts):
         return 1.0
-
-    def noise(self, deterministic):
-        return NO_NOISE
 
     def validate(self, num_experts):
         if self.capacity_factor <= 0:
@@ -82,6 +82,13 @@ class PositionHashRouter(Stateless):
             router_z_loss=losses.router_z_loss(logits, real),
             choices=TokenChoices(experts=experts, gates=gates, selected=selected, kept=kept),
         )
+
+
+def test_the_layer_refuses_a_dispatch_the_router_cannot_run():
+    for spec, dispatch in [(SoftMoe(), "index"), (SoftMoe(), "dropless"),
+                           (ExpertChoice(), "dropless")]:
+        with pytest.raises(ConfigurationError, match=f"dispatch={spec.dispatches[0]!r}"):
+            MoeLayer(4, 16, router=spec, dispatch=dispatch).check_config()
 
 
 def test_every_registered_router_implements_the_interface():
@@ -117,14 +124,15 @@ def test_a_new_router_runs_in_every_dispatch_and_they_agree():
 @pytest.mark.parametrize("name", sorted(ROUTERS))
 def test_causal_stacks_refuse_routers_that_look_ahead(name):
     spec = ROUTERS[name]()
-    layer = MoeLayer(4, 16, router=spec, causal=True)
+    dispatch = spec.dispatches[0]  # one the router runs with
+    layer = MoeLayer(4, 16, router=spec, causal=True, dispatch=dispatch)
     if spec.causality == "looks_ahead":
         with pytest.raises(ConfigurationError, match="leaks the future"):
             layer.check_config()
     else:
         layer.check_config()
-    MoeLayer(4, 16, router=dataclasses.replace(spec, allow_causal=True), causal=True
-             ).check_config()
+    MoeLayer(4, 16, router=dataclasses.replace(spec, allow_causal=True), causal=True,
+             dispatch=dispatch).check_config()
 
 
 def test_capacity_leaks_are_warned_once_and_not_for_causal_fill_orders(caplog):

@@ -13,15 +13,14 @@ import jax
 import jax.numpy as jnp
 
 from moe.routing import losses
-from moe.routing.interface import NO_NOISE, Causality, RouterNoise, Stateless
+from moe.routing.interface import CAPACITY_DISPATCHES, Causality, RouterDefaults
 from moe.routing.plan import (
     CapacityFormula,
     RoutingPlan,
-    capacity_factor_for,
     check_capacity_settings,
     check_logits,
-    expert_capacity,
     real_mask,
+    spec_capacity,
 )
 from moe.routing.registry import register_router
 
@@ -63,7 +62,7 @@ def route_experts_choose(
 
 @register_router
 @dataclasses.dataclass(frozen=True)
-class ExpertChoice(Stateless):
+class ExpertChoice(RouterDefaults):
     """Expert choice routing: each expert takes its top k_e = cf*T/E tokens of the group.
 
     It compares tokens across the whole group, so in a causal decoder a token's routing depends
@@ -84,33 +83,20 @@ class ExpertChoice(Stateless):
         """Each expert ranks all tokens of the group, later ones included."""
         return "looks_ahead"
 
-    @property
-    def supports_dropless(self) -> bool:
-        """Each expert takes a fixed number of tokens: there is no drop-free capacity."""
-        return False
+    # Each expert takes a fixed number of tokens: there is no drop-free capacity.
+    dispatches = CAPACITY_DISPATCHES
 
     def experts_per_token(self, group_size: int, num_experts: int) -> float:
         """Slots are cf times the tokens, so a token reaches cf experts on average."""
         del group_size, num_experts
         return float(self.capacity_factor)
 
-    def noise(self, deterministic: bool) -> RouterNoise:
-        del deterministic
-        return NO_NOISE
-
     def validate(self, num_experts: int) -> None:
         del num_experts
         check_capacity_settings(self)
 
     def capacity(self, num_tokens: int, num_experts: int, deterministic: bool) -> int:
-        return expert_capacity(
-            num_tokens,
-            num_experts,
-            capacity_factor_for(self, deterministic),
-            1,
-            self.capacity_formula,
-            self.min_capacity,
-        )
+        return spec_capacity(self, num_tokens, num_experts, deterministic)
 
     def route(
         self,

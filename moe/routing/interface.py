@@ -35,11 +35,21 @@ class RouterNoise:
 NO_NOISE = RouterNoise()
 
 
-class Stateless:
-    """Mixin for routers without state (nothing to initialize or update) and with one router
-    logit per expert."""
+# Every dispatch the MoE layer knows (see `moe.dispatch`), and those of routers with a capacity.
+DISPATCHES = ("mask", "index", "dropless")
+CAPACITY_DISPATCHES = ("mask", "index")
+
+
+class RouterDefaults:
+    """What most routers share, as defaults of the interface: one router logit per expert, no
+    randomness, no state (nothing to initialize or update). A router overrides what it does
+    differently."""
 
     logits_per_expert = 1
+
+    def noise(self, deterministic: bool) -> RouterNoise:
+        del deterministic
+        return NO_NOISE
 
     def initial_state(self, num_experts: int) -> dict[str, jax.Array]:
         del num_experts
@@ -89,8 +99,10 @@ class RouterSpec(Protocol):
         ...
 
     @property
-    def supports_dropless(self) -> bool:
-        """Whether the router can route with capacity T (no drops): the 'dropless' dispatch."""
+    def dispatches(self) -> tuple[str, ...]:
+        """The dispatches that can compute this router's plan (of `DISPATCHES`): 'dropless'
+        needs token-major choices routable with capacity T, 'index' slots holding one token
+        each; the layer refuses the others."""
         ...
 
     def experts_per_token(self, group_size: int, num_experts: int) -> float:

@@ -100,11 +100,16 @@ def expert_capacity(
     return max(1, min(max(min_capacity, capacity), num_tokens))
 
 
-def capacity_factor_for(spec, deterministic: bool) -> float:
-    """The spec's eval capacity factor when `deterministic` and it has one, else training's."""
+def spec_capacity(
+    spec, num_tokens: int, num_experts: int, deterministic: bool, num_selected_experts: int = 1
+) -> int:
+    """`expert_capacity` from a spec's capacity settings: its eval capacity factor when
+    `deterministic` and it has one (else training's), formula and minimum."""
+    factor = spec.capacity_factor
     if deterministic and spec.eval_capacity_factor is not None:
-        return spec.eval_capacity_factor
-    return spec.capacity_factor
+        factor = spec.eval_capacity_factor
+    return expert_capacity(num_tokens, num_experts, factor, num_selected_experts,
+                           spec.capacity_formula, spec.min_capacity)
 
 
 def check_capacity_settings(spec) -> None:

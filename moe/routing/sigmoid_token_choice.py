@@ -27,19 +27,23 @@ import jax.numpy as jnp
 
 from moe.errors import ConfigurationError
 from moe.routing import losses
-from moe.routing.interface import NO_NOISE, Causality, RouterNoise
+from moe.routing.interface import DISPATCHES, Causality, RouterDefaults
 from moe.routing.plan import (
     CapacityFormula,
     RoutingPlan,
     TokenChoices,
-    capacity_factor_for,
     check_capacity_settings,
     check_logits,
-    expert_capacity,
     real_mask,
+    spec_capacity,
 )
 from moe.routing.registry import register_router
-from moe.routing.token_choice import FillOrder, slots_from_choices
+from moe.routing.token_choice import (
+    FillOrder,
+    check_fill_order,
+    check_num_selected_experts,
+    slots_from_choices,
+)
 
 
 def group_limited_scores(
@@ -127,7 +131,7 @@ def route_sigmoid_tokens_choose(
 
 @register_router
 @dataclasses.dataclass(frozen=True)
-class SigmoidTokenChoice:
+class SigmoidTokenChoice(RouterDefaults):
     """DeepSeek-V3's router (see the module docstring).
 
     Attributes:
@@ -157,7 +161,7 @@ class SigmoidTokenChoice:
     ignore_padding_tokens: bool = True
     allow_causal: bool = False
 
-    logits_per_expert = 1
+    dispatches = DISPATCHES
 
     @property
     def causality(self) -> Causality:
@@ -165,17 +169,9 @@ class SigmoidTokenChoice:
             return "leaks_through_capacity"
         return "causal"
 
-    @property
-    def supports_dropless(self) -> bool:
-        return True
-
     def experts_per_token(self, group_size: int, num_experts: int) -> float:
         del group_size, num_experts
         return float(self.num_selected_experts)
-
-    def noise(self, deterministic: bool) -> RouterNoise:
-        del deterministic
-        return NO_NOISE
 
     def initial_state(self, num_experts: int) -> dict[str, jax.Array]:
         if self.bias_update_rate == 0:
@@ -197,11 +193,7 @@ class SigmoidTokenChoice:
             raise ConfigurationError(
                 f"{name}.bias_update_rate must be >= 0, got {self.bias_update_rate}."
             )
-        if not 1 <= self.num_selected_experts <= num_experts:
-            raise ConfigurationError(
-                f"{name}.num_selected_experts={self.num_selected_experts} must be between 1 and "
-                f"num_experts={num_experts}."
-            )
+        check_num_selected_experts(self, num_experts)
         if self.routed_scaling_factor <= 0:
             raise ConfigurationError(
                 f"{name}.routed_scaling_factor must be > 0, got {self.routed_scaling_factor}."
@@ -218,19 +210,11 @@ class SigmoidTokenChoice:
                 f" experts, fewer than num_selected_experts={self.num_selected_experts}."
             )
         check_capacity_settings(self)
-        if self.fill_order not in ("rank", "token"):
-            raise ConfigurationError(
-                f"Unknown {name}.fill_order {self.fill_order!r}; use 'rank' or 'token'."
-            )
+        check_fill_order(self)
 
     def capacity(self, num_tokens: int, num_experts: int, deterministic: bool) -> int:
-        return expert_capacity(
-            num_tokens,
-            num_experts,
-            capacity_factor_for(self, deterministic),
-            self.num_selected_experts,
-            self.capacity_formula,
-            self.min_capacity,
+        return spec_capacity(
+            self, num_tokens, num_experts, deterministic, self.num_selected_experts
         )
 
     def route(

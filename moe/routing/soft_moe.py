@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from moe.errors import ConfigurationError
 from moe.routing import losses
-from moe.routing.interface import NO_NOISE, Causality, RouterNoise, Stateless
+from moe.routing.interface import Causality, RouterDefaults
 from moe.routing.plan import RoutingPlan, SoftWeights, check_logits, real_mask
 from moe.routing.registry import register_router
 
@@ -61,7 +61,7 @@ def route_soft(
 
 @register_router
 @dataclasses.dataclass(frozen=True)
-class SoftMoe(Stateless):
+class SoftMoe(RouterDefaults):
     """Soft MoE with `slots_per_expert` (p) slots per expert; see the module docstring.
 
     Use it with dispatch='mask' in encoder stacks; `ignore_padding_tokens` must stay True
@@ -80,16 +80,11 @@ class SoftMoe(Stateless):
     def causality(self) -> Causality:
         return "looks_ahead"
 
-    @property
-    def supports_dropless(self) -> bool:
-        return False
+    # A slot mixes many tokens: only the mask dispatch's dense weights can express it.
+    dispatches = ("mask",)
 
     def experts_per_token(self, group_size: int, num_experts: int) -> float:
         return num_experts * self.slots_per_expert / group_size
-
-    def noise(self, deterministic: bool) -> RouterNoise:
-        del deterministic
-        return NO_NOISE
 
     def validate(self, num_experts: int) -> None:
         del num_experts

@@ -17,16 +17,15 @@ import jax.numpy as jnp
 
 from moe.errors import ConfigurationError
 from moe.routing import losses
-from moe.routing.interface import NO_NOISE, Causality, RouterNoise, Stateless
+from moe.routing.interface import DISPATCHES, NO_NOISE, Causality, RouterDefaults, RouterNoise
 from moe.routing.plan import (
     CapacityFormula,
     RoutingPlan,
     TokenChoices,
-    capacity_factor_for,
     check_capacity_settings,
     check_logits,
-    expert_capacity,
     real_mask,
+    spec_capacity,
 )
 from moe.routing.registry import register_router
 
@@ -34,6 +33,24 @@ SecondExpertPolicy = Literal["all", "random", "sampling"]
 FillOrder = Literal["rank", "token"]
 JitterTarget = Literal["inputs", "logits"]
 SECOND_EXPERT_POLICIES = ("all", "random", "sampling")
+
+
+def check_num_selected_experts(spec, num_experts: int) -> None:
+    """Refuse a k outside [1, E]."""
+    if not 1 <= spec.num_selected_experts <= num_experts:
+        raise ConfigurationError(
+            f"{type(spec).__name__}.num_selected_experts={spec.num_selected_experts} must be "
+            f"between 1 and num_experts={num_experts}."
+        )
+
+
+def check_fill_order(spec) -> None:
+    """Refuse an unknown fill order."""
+    if spec.fill_order not in ("rank", "token"):
+        raise ConfigurationError(
+            f"Unknown {type(spec).__name__}.fill_order {spec.fill_order!r}; use 'rank' or "
+            "'token'."
+        )
 
 
 def slots_from_choices(
@@ -167,7 +184,7 @@ def route_tokens_choose(
 
 @register_router
 @dataclasses.dataclass(frozen=True)
-class TokenChoice(Stateless):
+class TokenChoice(RouterDefaults):
     """Token choice top-k routing: k=1 is Switch, k=2 is GShard.
 
     Attributes:
@@ -218,9 +235,7 @@ class TokenChoice(Stateless):
             return "leaks_through_capacity"
         return "causal"
 
-    @property
-    def supports_dropless(self) -> bool:
-        return True
+    dispatches = DISPATCHES
 
     def experts_per_token(self, group_size: int, num_experts: int) -> float:
         del group_size, num_experts
@@ -236,20 +251,13 @@ class TokenChoice(Stateless):
         )
 
     def validate(self, num_experts: int) -> None:
-        if not 1 <= self.num_selected_experts <= num_experts:
-            raise ConfigurationError(
-                f"TokenChoice.num_selected_experts={self.num_selected_experts} must be between 1 "
-                f"and num_experts={num_experts}."
-            )
+        check_num_selected_experts(self, num_experts)
         check_capacity_settings(self)
+        check_fill_order(self)
         if self.second_expert_policy not in SECOND_EXPERT_POLICIES:
             raise ConfigurationError(
                 f"Unknown second_expert_policy {self.second_expert_policy!r}; "
                 "use 'all', 'random' or 'sampling'."
-            )
-        if self.fill_order not in ("rank", "token"):
-            raise ConfigurationError(
-                f"Unknown TokenChoice.fill_order {self.fill_order!r}; use 'rank' or 'token'."
             )
         if self.balance_scope not in losses.BALANCE_SCOPES:
             raise ConfigurationError(
@@ -264,13 +272,8 @@ class TokenChoice(Stateless):
             raise ConfigurationError(f"jitter_noise must be in [0, 1), got {self.jitter_noise}.")
 
     def capacity(self, num_tokens: int, num_experts: int, deterministic: bool) -> int:
-        return expert_capacity(
-            num_tokens,
-            num_experts,
-            capacity_factor_for(self, deterministic),
-            self.num_selected_experts,
-            self.capacity_formula,
-            self.min_capacity,
+        return spec_capacity(
+            self, num_tokens, num_experts, deterministic, self.num_selected_experts
         )
 
     def route(
