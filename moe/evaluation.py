@@ -73,18 +73,6 @@ def abstract_variables(model: Any, partitioner: Partitioner,
     return out
 
 
-def abstract_params(model: Any, partitioner: Partitioner,
-                    input_shapes: Mapping[str, tuple[int, ...]]) -> Any:  # fmt: skip
-    """The parameters of `abstract_variables`."""
-    return abstract_variables(model, partitioner, input_shapes)["params"]
-
-
-def load_params(model: Any, checkpoint_path: str, cfg: data.DatasetConfig,
-                partitioner: Partitioner, step: int | None = None) -> Any:  # fmt: skip
-    """The parameters of the checkpoint at `checkpoint_path`, in this mesh's shardings."""
-    return load_variables(model, checkpoint_path, cfg, partitioner, step)[0]
-
-
 def load_variables(model: Any, checkpoint_path: str, cfg: data.DatasetConfig,
                    partitioner: Partitioner, step: int | None = None
                    ) -> tuple[Any, Any]:  # fmt: skip
@@ -93,7 +81,15 @@ def load_variables(model: Any, checkpoint_path: str, cfg: data.DatasetConfig,
     converter = model.feature_converter_cls(pack=False)
     lengths = converter.get_model_feature_lengths(dict(cfg.task_feature_lengths))
     shapes = {name: (cfg.batch_size, length) for name, length in lengths.items()}
-    abstract = abstract_variables(model, partitioner, shapes)
+    return restore_variables(model, checkpoint_path, partitioner, shapes, step)
+
+
+def restore_variables(model: Any, checkpoint_path: str, partitioner: Partitioner,
+                      input_shapes: Mapping[str, tuple[int, ...]], step: int | None = None
+                      ) -> tuple[Any, Any]:  # fmt: skip
+    """(parameters, router state or None) of the checkpoint at `checkpoint_path` for a model
+    initialized with `input_shapes`, in this mesh's shardings."""
+    abstract = abstract_variables(model, partitioner, input_shapes)
     params, _ = checkpoints.restore_params_from(
         checkpoint_path, abstract["params"], step=step,
         model_config=getattr(model.module, "config", None),

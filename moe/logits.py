@@ -36,12 +36,10 @@ import gin
 import jax
 import numpy as np
 
-from moe import checkpoints
 from moe.checkpoint_errors import CheckpointError
 from moe.entry_point import run_entry_point
-from moe.evaluation import abstract_variables
+from moe.evaluation import restore_variables
 from moe.partitioning import Partitioner
-from moe.routing.shell import ROUTER_STATE
 
 EXACT_BFLOAT16_FLAG = "--xla_allow_excess_precision=false"
 FLOAT32_BINDINGS = ("ACTIVATION_DTYPE = 'float32'", "MOE_TRUNCATED_DTYPE = 'float32'",
@@ -100,16 +98,9 @@ def compute_logits(
     features = read_features(features_path, model.module_inputs)
     shapes = {k: v.shape for k, v in features.items() if k in model.module_inputs}
     partitioner = Partitioner(1, 1)
-    abstract = abstract_variables(model, partitioner, shapes)
-    params, _ = checkpoints.restore_params_from(
-        checkpoint_path, abstract["params"], step=checkpoint_step,
-        model_config=model.module.config,
+    params, router_state = restore_variables(
+        model, checkpoint_path, partitioner, shapes, checkpoint_step
     )
-    router_state = None
-    if ROUTER_STATE in abstract:
-        router_state = checkpoints.restore_router_state_from(
-            checkpoint_path, abstract[ROUTER_STATE], checkpoint_step
-        )
 
     def run(params, batch, router_state):
         logits, intermediates = model.compute_logits(params, batch, router_state)

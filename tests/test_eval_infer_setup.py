@@ -64,7 +64,7 @@ def test_restore_needs_one_abstract_init_and_no_optimizer(tmp_path):
     path, saved = _toy_checkpoint(model, tmp_path)
     partitioner = Partitioner(num_expert_partitions=2)
     model.init_calls = 0
-    params = evaluation.load_params(model, path, TOY_CFG, partitioner)
+    params, _ = evaluation.load_variables(model, path, TOY_CFG, partitioner)
     assert model.init_calls == 1  # a Trainer traced it twice, the second time with Adafactor
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), saved)
     shapes = {"decoder_input_tokens": (8, 8)}

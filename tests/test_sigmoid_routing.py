@@ -129,11 +129,9 @@ def test_bias_updates_balance_a_skewed_router_without_any_loss():
 
 def test_the_update_rule_is_a_signed_step_toward_the_mean_load():
     spec = SigmoidTokenChoice(2, bias_update_rate=0.1)
-    state = {"selection_bias": jnp.zeros(4)}
     load = jnp.array([[10.0, 2.0, 4.0, 4.0], [1.0, 1.0, 1.0, 1.0]])  # scanned layers: [L, E]
     new = spec.update_state({"selection_bias": jnp.zeros((2, 4))}, load)["selection_bias"]
     np.testing.assert_allclose(new, [[-0.1, 0.1, 0.1, 0.1], [0.0, 0.0, 0.0, 0.0]])
     assert spec.initial_state(4).keys() == {"selection_bias"}
     assert SigmoidTokenChoice(2).initial_state(4) == {}
     assert SigmoidTokenChoice(2).update_state({}, load) == {}
-    del state

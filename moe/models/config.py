@@ -8,6 +8,7 @@ NUM_ENCODER_SPARSE_LAYERS and NUM_DECODER_SPARSE_LAYERS are set separately.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import gin
@@ -174,6 +175,10 @@ class TransformerConfig:
     def decoder_layers_sparse(self) -> tuple[bool, ...]:
         s = self.decoder_sparse
         return sparse_layers(self.num_decoder_layers, s.num_sparse_layers, s.layout)
+
+    def sparse_config_at(self, path: Sequence[str]) -> SparseConfig:
+        """The `SparseConfig` of the stack a variable path (`('encoder', ...)`) lies in."""
+        return self.encoder_sparse if path[0] == "encoder" else self.decoder_sparse
 
     def check_length(self, length: int, what: str) -> None:
         if self.max_length is not None and length > self.max_length:

@@ -189,16 +189,12 @@ class BaseModel(abc.ABC):
 
         def visit(state, loads, path):
             if "expert_load" in loads:
-                return self._router_at(path).update_state(state, loads["expert_load"])
+                router = self.module.config.sparse_config_at(path).router
+                return router.update_state(state, loads["expert_load"])
             return {k: visit(v, loads[k], (*path, k)) if k in loads else v
                     for k, v in state.items()}
 
         return visit(router_state, router_loads, ())
-
-    def _router_at(self, path: tuple[str, ...]) -> Any:
-        config = self.module.config
-        sparse = config.encoder_sparse if path[0] == "encoder" else config.decoder_sparse
-        return sparse.router
 
     def score_batch(self, params: Any, batch: Batch, router_state: Any = None) -> jax.Array:
         """Sum of the target tokens' log-likelihoods per example [batch] (loss weights apply)."""

@@ -54,7 +54,7 @@ def count_parameters(model: BaseModel) -> ParameterCount:
         total += size
         if "expert" in names:
             expert += size
-            sparse = config.encoder_sparse if names[0] == "encoder" else config.decoder_sparse
+            sparse = config.sparse_config_at(names)
             activated += size / sparse.num_experts * experts_per_token(sparse)
         else:
             activated += size

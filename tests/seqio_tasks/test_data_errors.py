@@ -16,23 +16,23 @@ from seqio_tasks.errors import DataFileError
 from .conftest import FIXTURES
 
 
-@pytest.fixture
-def glue_copy(tmp_path):
-    """An editable copy of the GLUE fixture files, configured as the GLUE directory."""
-    directory = tmp_path / "glue"
-    shutil.copytree(FIXTURES / "glue", directory)
-    config.set_data_paths(glue_dir=str(directory))
+def _configured_copy(tmp_path, benchmark):
+    """An editable copy of a benchmark's fixture files, configured as its data directory."""
+    directory = tmp_path / benchmark
+    shutil.copytree(FIXTURES / benchmark, directory)
+    config.set_data_paths(**{f"{benchmark}_dir": str(directory)})
     yield directory
     config.reset_data_paths()
+
+
+@pytest.fixture
+def glue_copy(tmp_path):
+    yield from _configured_copy(tmp_path, "glue")
 
 
 @pytest.fixture
 def super_glue_copy(tmp_path):
-    directory = tmp_path / "super_glue"
-    shutil.copytree(FIXTURES / "super_glue", directory)
-    config.set_data_paths(super_glue_dir=str(directory))
-    yield directory
-    config.reset_data_paths()
+    yield from _configured_copy(tmp_path, "super_glue")
 
 
 def _examples(task_name, split):

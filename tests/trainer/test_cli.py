@@ -81,25 +81,33 @@ def _wait_for_step(model_dir, step, proc, timeout=300):
     raise TimeoutError(f"step {step} not reached")
 
 
+def train_straight_and_killed(tmp_path, args, kill_after):
+    """Train `args` once straight through (in tmp_path/a) and once killed with SIGKILL after
+    step `kill_after`, then restarted (in tmp_path/b). Returns (a, b, the restarted run's
+    output, the last checkpoint step before the restart)."""
+    straight_dir, killed_dir = tmp_path / "a", tmp_path / "b"
+    straight = _run("moe.train", [*args, f"--gin.MODEL_DIR='{straight_dir}'"])
+    assert straight.wait() == 0, straight.stdout.read()
+    proc = _run("moe.train", [*args, f"--gin.MODEL_DIR='{killed_dir}'"])
+    _wait_for_step(killed_dir, kill_after, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    steps = sorted(int(s) for s in os.listdir(killed_dir / "checkpoints") if s.isdigit())
+    assert steps
+    resumed = _run("moe.train", [*args, f"--gin.MODEL_DIR='{killed_dir}'"])
+    output = resumed.communicate()[0]
+    assert resumed.returncode == 0, output
+    assert f"Resuming from step {steps[-1]}" in output
+    return straight_dir, killed_dir, output, steps[-1]
+
+
 @pytest.mark.slow
 def test_sigkill_then_restart_gives_the_uninterrupted_losses(tmp_path):
     common = [*TOY, "--gin.TRAIN_STEPS=40", "--gin.LOG_PERIOD=1", "--gin.CHECKPOINT_PERIOD=10",
               "--gin.EVAL_PERIOD=1000"]
-    straight = _run("moe.train", [*common, f"--gin.MODEL_DIR='{tmp_path / 'a'}'"])
-    assert straight.wait() == 0, straight.stdout.read()
-
-    killed_dir = tmp_path / "b"
-    proc = _run("moe.train", [*common, f"--gin.MODEL_DIR='{killed_dir}'"])
-    _wait_for_step(killed_dir, 25, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    steps = sorted(int(s) for s in os.listdir(killed_dir / "checkpoints") if s.isdigit())
-    assert steps and steps[-1] < 40
-    resumed = _run("moe.train", [*common, f"--gin.MODEL_DIR='{killed_dir}'"])
-    output = resumed.communicate()[0]
-    assert resumed.returncode == 0, output
-    assert f"Resuming from step {steps[-1]}" in output
-    a, b = _losses(tmp_path / "a"), _losses(killed_dir)
+    straight_dir, killed_dir, _, last_checkpoint = train_straight_and_killed(tmp_path, common, 25)
+    assert last_checkpoint < 40
+    a, b = _losses(straight_dir), _losses(killed_dir)
     assert sorted(a) == sorted(b) == list(range(1, 41))
     # The rows the killed run logged past its checkpoint were dropped on resume.
     with open(killed_dir / "train" / "metrics.jsonl") as f:

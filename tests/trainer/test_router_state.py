@@ -2,7 +2,6 @@
 trainer updates after each step from the step's global expert loads, checkpoints, restores onto
 another mesh and passes to evaluation; never a parameter, never in the optimizer."""
 
-import signal
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +19,7 @@ from moe.routing import SigmoidTokenChoice
 from moe.routing.shell import ROUTER_STATE
 from moe.trainer import Trainer
 from tests.models.helpers import lm_batch, tiny_config
-from tests.trainer.test_cli import _losses, _run, _wait_for_step
+from tests.trainer.test_cli import _losses, train_straight_and_killed
 
 BATCH, LENGTH, EXPERTS = 8, 16, 4
 SHAPES = {k: (BATCH, LENGTH) for k in
@@ -138,21 +137,12 @@ def test_sigkill_then_restart_gives_the_uninterrupted_losses_and_biases(tmp_path
         "--gin.TRAIN_STEPS=30", "--gin.LOG_PERIOD=1", "--gin.CHECKPOINT_PERIOD=10",
         "--gin.EVAL_PERIOD=1000",
     ]
-    straight = _run("moe.train", [*common, f"--gin.MODEL_DIR='{tmp_path / 'a'}'"])
-    assert straight.wait() == 0, straight.stdout.read()
-    killed_dir = tmp_path / "b"
-    proc = _run("moe.train", [*common, f"--gin.MODEL_DIR='{killed_dir}'"])
-    _wait_for_step(killed_dir, 15, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    resumed = _run("moe.train", [*common, f"--gin.MODEL_DIR='{killed_dir}'"])
-    output = resumed.communicate()[0]
-    assert resumed.returncode == 0, output
-    assert "Resuming from step" in output
-    a, b = _losses(tmp_path / "a"), _losses(killed_dir)
+    straight_dir, killed_dir, _, last_checkpoint = train_straight_and_killed(tmp_path, common, 15)
+    assert last_checkpoint < 30
+    a, b = _losses(straight_dir), _losses(killed_dir)
     assert sorted(a) == sorted(b) == list(range(1, 31))
     assert all(a[step] == b[step] for step in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]
-    bias_a, bias_b = _final_router_state(tmp_path / "a"), _final_router_state(killed_dir)
+    bias_a, bias_b = _final_router_state(straight_dir), _final_router_state(killed_dir)
     assert bias_a.keys() == bias_b.keys() and bias_a
     for name in bias_a:
         assert np.any(bias_a[name] != 0), name  # the bias did move
