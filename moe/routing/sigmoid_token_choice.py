@@ -27,7 +27,6 @@ import jax.numpy as jnp
 
 from moe.errors import ConfigurationError
 from moe.routing import losses
-from moe.routing.interface import DISPATCHES, Causality, RouterDefaults
 from moe.routing.plan import (
     CapacityFormula,
     RoutingPlan,
@@ -35,11 +34,11 @@ from moe.routing.plan import (
     check_capacity_settings,
     check_logits,
     real_mask,
-    spec_capacity,
 )
 from moe.routing.registry import register_router
 from moe.routing.token_choice import (
     FillOrder,
+    TopKRouter,
     check_fill_order,
     check_num_selected_experts,
     slots_from_choices,
@@ -131,7 +130,7 @@ def route_sigmoid_tokens_choose(
 
 @register_router
 @dataclasses.dataclass(frozen=True)
-class SigmoidTokenChoice(RouterDefaults):
+class SigmoidTokenChoice(TopKRouter):
     """DeepSeek-V3's router (see the module docstring).
 
     Attributes:
@@ -160,18 +159,6 @@ class SigmoidTokenChoice(RouterDefaults):
     fill_order: FillOrder = "rank"
     ignore_padding_tokens: bool = True
     allow_causal: bool = False
-
-    dispatches = DISPATCHES
-
-    @property
-    def causality(self) -> Causality:
-        if self.num_selected_experts > 1 and self.fill_order == "rank":
-            return "leaks_through_capacity"
-        return "causal"
-
-    def experts_per_token(self, group_size: int, num_experts: int) -> float:
-        del group_size, num_experts
-        return float(self.num_selected_experts)
 
     def initial_state(self, num_experts: int) -> dict[str, jax.Array]:
         if self.bias_update_rate == 0:
@@ -211,11 +198,6 @@ class SigmoidTokenChoice(RouterDefaults):
             )
         check_capacity_settings(self)
         check_fill_order(self)
-
-    def capacity(self, num_tokens: int, num_experts: int, deterministic: bool) -> int:
-        return spec_capacity(
-            self, num_tokens, num_experts, deterministic, self.num_selected_experts
-        )
 
     def route(
         self,

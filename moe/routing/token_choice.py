@@ -182,9 +182,32 @@ def route_tokens_choose(
     )
 
 
+class TopKRouter(RouterDefaults):
+    """What every router where each token picks k experts shares (fields
+    `num_selected_experts`, `fill_order` and the capacity settings): k experts per token, every
+    dispatch, capacity from k, and causality from the fill order."""
+
+    dispatches = DISPATCHES
+
+    @property
+    def causality(self) -> Causality:
+        if self.num_selected_experts > 1 and self.fill_order == "rank":
+            return "leaks_through_capacity"
+        return "causal"
+
+    def experts_per_token(self, group_size: int, num_experts: int) -> float:
+        del group_size, num_experts
+        return float(self.num_selected_experts)
+
+    def capacity(self, num_tokens: int, num_experts: int, deterministic: bool) -> int:
+        return spec_capacity(
+            self, num_tokens, num_experts, deterministic, self.num_selected_experts
+        )
+
+
 @register_router
 @dataclasses.dataclass(frozen=True)
-class TokenChoice(RouterDefaults):
+class TokenChoice(TopKRouter):
     """Token choice top-k routing: k=1 is Switch, k=2 is GShard.
 
     Attributes:
@@ -231,15 +254,7 @@ class TokenChoice(RouterDefaults):
     def causality(self) -> Causality:
         if self.batch_prioritized:  # orders the group's tokens by confidence: looks ahead
             return "looks_ahead"
-        if self.num_selected_experts > 1 and self.fill_order == "rank":
-            return "leaks_through_capacity"
-        return "causal"
-
-    dispatches = DISPATCHES
-
-    def experts_per_token(self, group_size: int, num_experts: int) -> float:
-        del group_size, num_experts
-        return float(self.num_selected_experts)
+        return super().causality
 
     def noise(self, deterministic: bool) -> RouterNoise:
         if deterministic:
@@ -270,11 +285,6 @@ class TokenChoice(RouterDefaults):
             )
         if not 0.0 <= self.jitter_noise < 1.0:
             raise ConfigurationError(f"jitter_noise must be in [0, 1), got {self.jitter_noise}.")
-
-    def capacity(self, num_tokens: int, num_experts: int, deterministic: bool) -> int:
-        return spec_capacity(
-            self, num_tokens, num_experts, deterministic, self.num_selected_experts
-        )
 
     def route(
         self,
