@@ -147,3 +147,25 @@ def test_sigkill_then_restart_gives_the_uninterrupted_losses_and_biases(tmp_path
     for name in bias_a:
         assert np.any(bias_a[name] != 0), name  # the bias did move
         np.testing.assert_array_equal(bias_a[name], bias_b[name])
+
+
+def test_a_checkpoint_without_router_state_starts_from_the_initial_state(tmp_path, capsys):
+    trainer = _trainer()
+    state = trainer.init_state()
+    checkpoints.save_params(str(tmp_path / "converted"), state["params"])  # params only
+    abstract = trainer.abstract_state[ROUTER_STATE]
+    restored = checkpoints.restore_router_state_from(str(tmp_path / "converted"), abstract)
+    assert restored is abstract
+    assert "holds no router state" in capsys.readouterr().out
+    # A state of another shape is refused, naming it.
+    other = Trainer(DecoderOnlyModel(tiny_config(
+        num_encoder_layers=0, encoder_sparse=SparseConfig(),
+        decoder_sparse=SparseConfig(num_sparse_layers=1, num_experts=8, router=ROUTER))),
+        Partitioner(num_expert_partitions=2), SHAPES, learning_rate=0.0)
+    saver = checkpoints.Checkpointer(str(tmp_path / "run" / "checkpoints"), period=1,
+                                     async_save=False)
+    saver.save(0, state, {}, force=True)
+    saver.close()
+    with pytest.raises(checkpoints.CheckpointError, match="selection_bias"):
+        checkpoints.restore_router_state_from(str(tmp_path / "run"),
+                                              other.abstract_state[ROUTER_STATE])
