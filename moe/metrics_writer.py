@@ -159,6 +159,11 @@ class MetricsWriter:
         self._last_time, self._last_step = now, step
         return out
 
+    def exclude_from_timing(self, seconds: float) -> None:
+        """Leave `seconds` (an evaluation run between steps) out of the next steps/s."""
+        if self._last_time is not None:
+            self._last_time += seconds
+
     def console(self, step: int, scalars: Mapping[str, float], prefix: str = "train") -> str:
         """Log one progress line: step, loss, accuracy, steps/s, ETA."""
         parts = [f"[{prefix}] step {step}" + (f"/{self.total_steps}" if self.total_steps else "")]

@@ -16,6 +16,7 @@ last good checkpoint is left as it was).
 import logging
 import math
 import signal
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -462,7 +463,10 @@ def train_loop(
             if eval_fn is not None and eval_period and (
                 step % eval_period == 0 or step == train_steps
             ):
+                started = time.perf_counter()
                 eval_fn(state, step)
+                if writer is not None:  # steps/s measures training steps only
+                    writer.exclude_from_timing(time.perf_counter() - started)
     if checkpointer is not None:
         checkpointer.wait_until_finished()
     return state, "done"

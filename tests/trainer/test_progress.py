@@ -71,3 +71,23 @@ def test_the_interval_is_a_gin_parameter_of_train():
         assert gin.query_parameter("train.progress_interval_s") == 5.0
     finally:
         gin.clear_config()
+
+
+def test_steps_per_second_leaves_evaluation_out(tmp_path, trainer, monkeypatch):
+    """An evaluation taking 1000 s on the fake clock between steps 5 and 6 does not count in
+    the period's steps/s: the row at step 10 still reads one step per SECONDS_PER_STEP."""
+    from moe import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(
+        perf_counter=lambda: trainer.now))
+
+    def slow_eval(state, step):
+        trainer.now += 1000.0
+
+    writer = MetricsWriter(str(tmp_path), total_steps=10)
+    train_loop(trainer, _state(), _batches(), 10, writer=writer, log_period=10, eval_period=5,
+               eval_fn=slow_eval, progress_interval_s=None)
+    writer.close()
+    with open(tmp_path / "metrics.jsonl") as f:
+        rows = {r["step"]: r for r in map(json.loads, f)}
+    assert rows[10]["timing/steps_per_second"] == pytest.approx(1 / SECONDS_PER_STEP)
