@@ -55,7 +55,10 @@ class Trainer:
       learning_rate: a float or a schedule `step -> rate`.
       optimizer: `(learning_rate, factor_specs) -> optax.GradientTransformation`.
       num_microbatches: split each batch into this many microbatches and accumulate gradients
-        (same update as the whole batch, for losses that average over examples).
+        (same update as the whole batch, for losses that average over examples). Routers
+        whose loss counts over the whole batch (`TokenChoice(balance_scope='batch')`) get its
+        counts from a forward pass over every microbatch first (models with a
+        `batch_counts` method); other models' steps have no such pass.
       seed: seeds parameter initialization and dropout (dropout key = fold_in(seed, step)).
     """
 
@@ -178,28 +181,65 @@ class Trainer:
         )
         return fresh(params, state.get(ROUTER_STATE, {}))
 
-    def _loss_fn(self, params, batch, rng, router_state):
-        """The model's loss, given the router state only by models that have one."""
+    def _loss_fn(self, params, batch, rng, router_state, batch_counts=None):
+        """The model's loss, given the router state only by models that have one, and the
+        whole batch's routing counts only to microbatches of models whose routers ask."""
+        extra = {}
         if router_state:
-            return self.model.loss_fn(params, batch, rng, router_state=router_state)
-        return self.model.loss_fn(params, batch, rng)
+            extra["router_state"] = router_state
+        if batch_counts:
+            extra["batch_counts"] = batch_counts
+        return self.model.loss_fn(params, batch, rng, **extra)
+
+    def _batch_counts(self, params, micro, rng, router_state):
+        """The routers' whole-batch counts (`model.batch_counts`) summed over the microbatches
+        `micro` [k, ...] and divided by k, or None when no router of the model asks for any.
+
+        A forward pass per microbatch with the key of its gradient pass, so that noisy routing
+        (jitter, random second experts) selects the same experts in both. Whether any router
+        asks is known from shapes (traced, not compiled): without one nothing is computed.
+        """
+        count = getattr(self.model, "batch_counts", None)
+        if count is None:
+            return None
+        k = self.num_microbatches
+        first = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), micro)
+        shapes = jax.eval_shape(count, params, first, rng, router_state)
+        if not jax.tree.leaves(shapes):
+            return None
+
+        def body(total, inputs):
+            batch_part, i = inputs
+            counts = count(params, batch_part, jax.random.fold_in(rng, i), router_state)
+            return jax.tree.map(jnp.add, total, counts), None
+
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        total, _ = jax.lax.scan(body, zeros, (micro, jnp.arange(k)))
+        return jax.tree.map(lambda c: c / k, total)
 
     # --- Steps ----------------------------------------------------------------------------
 
     def _loss_and_grads(self, params, batch, rng, router_state=None):
         grad_fn = jax.value_and_grad(self._loss_fn, has_aux=True)
+        k = self.num_microbatches
+        batch_counts = micro = None
+        if k > 1:
+            # Microbatch i takes examples i, i+k, i+2k, ...: each stays spread over the devices.
+            micro = jax.tree.map(
+                lambda x: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1), batch
+            )
+            # Routers balancing over the whole batch need its counts before any gradient pass:
+            # one forward pass over the microbatches, only for models with such routers.
+            batch_counts = self._batch_counts(params, micro, rng, router_state)
 
         def one(batch_part, rng_part):
-            (loss, metrics), grads = grad_fn(params, batch_part, rng_part, router_state)
+            (loss, metrics), grads = grad_fn(
+                params, batch_part, rng_part, router_state, batch_counts
+            )
             return grads, {**metrics, "loss": loss}
 
-        k = self.num_microbatches
         if k == 1:
             return one(batch, rng)
-        # Microbatch i takes examples i, i+k, i+2k, ...: each stays spread over the devices.
-        micro = jax.tree.map(
-            lambda x: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1), batch
-        )
         first = jax.tree.map(lambda x: x[0], micro)
         zeros = jax.tree.map(
             lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(one, first, rng)

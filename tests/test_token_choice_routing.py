@@ -257,3 +257,47 @@ def test_global_batch_balance_loss_lets_groups_specialize():
         pytest.approx(float(TokenChoice(1).route(one, None).auxiliary_loss), rel=1e-6))
     with pytest.raises(ValueError, match="balance_scope"):
         TokenChoice(1, balance_scope="sequence").validate(2)
+
+
+def test_calls_given_the_batch_counts_average_to_the_whole_batch_balance_loss():
+    """A batch split into calls (microbatches) of unequal real tokens: given the batch's
+    counts per call, the mean of the calls' losses and of their gradients is the whole
+    batch's; counting each call alone is not."""
+    spec = TokenChoice(2, balance_scope="batch")
+    logits = _random_logits(7, 4, 16, 8)  # [G=4, T=16, E=8]; each call takes 2 groups
+    real = jnp.arange(16)[None, :] < jnp.array([16, 3, 9, 12])[:, None]
+    calls = [(logits[:2], real[:2]), (logits[2:], real[2:])]
+
+    def whole(x):
+        return spec.route(x, real).auxiliary_loss
+
+    counts = [spec.batch_counts(spec.route(x, r)) for x, r in calls]
+    batch_counts = jax.tree.map(lambda *c: sum(c) / len(calls), *counts)
+    # Counts are sums: the calls' add up to the batch's.
+    np.testing.assert_array_equal(counts[0]["selected"] + counts[1]["selected"],
+                                  spec.batch_counts(spec.route(logits, real))["selected"])
+
+    def split(x):
+        parts = [x[:2], x[2:]]
+        return sum(spec.route(p, r, batch_counts=batch_counts).auxiliary_loss
+                   for p, (_, r) in zip(parts, calls)) / len(calls)
+
+    np.testing.assert_allclose(split(logits), whole(logits), rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(split)(logits), jax.grad(whole)(logits),
+                               rtol=1e-5, atol=1e-8)
+    alone = sum(spec.route(x, r).auxiliary_loss for x, r in calls) / len(calls)
+    assert abs(float(alone) - float(whole(logits))) > 1e-3
+    # A call that is the whole batch, given its own counts, is unchanged.
+    own = spec.batch_counts(spec.route(logits, real))
+    np.testing.assert_allclose(spec.route(logits, real, batch_counts=own).auxiliary_loss,
+                               whole(logits), rtol=1e-6)
+
+
+def test_batch_counts_are_counted_for_the_batch_scope_only():
+    logits = _random_logits(8, 2, 8, 4)
+    assert TokenChoice(2).batch_counts(TokenChoice(2).route(logits, None)) == {}
+    counts = TokenChoice(2, balance_scope="batch").batch_counts(
+        TokenChoice(2, balance_scope="batch").route(logits, None))
+    assert float(counts["tokens"]) == 16 and float(jnp.sum(counts["selected"])) == 32
+    with pytest.raises(ValueError, match="scope='batch'"):
+        TokenChoice(2).route(logits, None, batch_counts=counts)

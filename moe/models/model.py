@@ -24,7 +24,7 @@ from moe.models import decoding
 from moe.models.config import TransformerConfig
 from moe.models.losses import cross_entropy_with_logits, moe_losses_and_metrics
 from moe.models.transformer import DecoderOnly, EncoderDecoder
-from moe.routing.shell import ROUTER_LOADS, ROUTER_STATE
+from moe.routing.shell import BATCH_COUNTS, ROUTER_LOADS, ROUTER_STATE
 
 Batch = Mapping[str, jax.Array]
 DECODE_METHODS = ("greedy", "sample", "beam")
@@ -118,20 +118,31 @@ class BaseModel(abc.ABC):
         """
         return {"params": params, **({ROUTER_STATE: router_state} if router_state else {})}
 
-    def _apply(self, params, batch: Batch, dropout_rng: jax.Array | None, router_state=None):
+    def _apply(
+        self,
+        params,
+        batch: Batch,
+        dropout_rng: jax.Array | None,
+        router_state=None,
+        batch_counts=None,
+        mutable: tuple[str, ...] = ("moe", ROUTER_LOADS),
+    ):
+        """(logits, the `mutable` collections); `dropout_rng=None` runs deterministically."""
         deterministic = dropout_rng is None
         rngs = None
         if not deterministic:
             dropout, router = jax.random.split(dropout_rng)
             rngs = {"dropout": dropout, "router": router}
-        logits, state = self.module.apply(
-            self.variables(params, router_state),
+        variables = self.variables(params, router_state)
+        if batch_counts:
+            variables[BATCH_COUNTS] = batch_counts
+        return self.module.apply(
+            variables,
             **self._inputs(batch),
             deterministic=deterministic,
             rngs=rngs,
-            mutable=["moe", ROUTER_LOADS],
+            mutable=list(mutable),
         )
-        return logits, state.get("moe"), state.get(ROUTER_LOADS)
 
     @staticmethod
     def _loss_weights(batch: Batch) -> jax.Array:
@@ -139,21 +150,45 @@ class BaseModel(abc.ABC):
         weights = batch.get("decoder_loss_weights")
         return (targets > 0 if weights is None else weights).astype(jnp.float32)
 
+    def batch_counts(
+        self,
+        params: Any,
+        batch: Batch,
+        dropout_rng: jax.Array | None,
+        router_state: Any = None,
+    ) -> dict[str, Any]:
+        """What the routers' losses count over the whole batch (`RouterSpec.batch_counts`),
+        measured on `batch` by a forward pass: a tree with a node per such router (scanned
+        stacks: a leading axis per block), `{}` when no router asks for any.
+
+        The trainer sums them over a step's microbatches, with each microbatch's `dropout_rng`
+        (so noisy routing selects as in its gradient pass), and gives them to `loss_fn`. Only
+        routers' counts are used: XLA drops the rest of the pass (the output logits, the
+        experts after the last router).
+        """
+        _, state = self._apply(params, batch, dropout_rng, router_state, mutable=(BATCH_COUNTS,))
+        return dict(state.get(BATCH_COUNTS, {}))
+
     def loss_fn(
         self,
         params: Any,
         batch: Batch,
         dropout_rng: jax.Array | None,
         router_state: Any = None,
+        batch_counts: Any = None,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Loss of a batch and its metrics; `dropout_rng=None` runs deterministically.
 
         The token losses are normalized by the number of real target tokens (loss weights);
         the MoE losses are the mean over MoE layers times their factors (T5X). In training,
         routers with state add their measured expert loads under `ROUTER_LOADS` (a tree the
-        trainer sums over microbatches and passes to `update_router_state`).
+        trainer sums over microbatches and passes to `update_router_state`). `batch_counts`:
+        when `batch` is one of a step's microbatches, the whole step's `batch_counts` summed
+        over the microbatches and divided by their number, so that routers balancing over the
+        batch count it all (the mean of the microbatches' losses is then the whole batch's).
         """
-        logits, moe_state, router_loads = self._apply(params, batch, dropout_rng, router_state)
+        logits, state = self._apply(params, batch, dropout_rng, router_state, batch_counts)
+        moe_state, router_loads = state.get("moe"), state.get(ROUTER_LOADS)
         targets = batch["decoder_target_tokens"]
         weights = self._loss_weights(batch)
         token_loss, token_z_loss = cross_entropy_with_logits(
@@ -198,7 +233,7 @@ class BaseModel(abc.ABC):
 
     def score_batch(self, params: Any, batch: Batch, router_state: Any = None) -> jax.Array:
         """Sum of the target tokens' log-likelihoods per example [batch] (loss weights apply)."""
-        logits, _, _ = self._apply(params, batch, None, router_state)
+        logits, _ = self._apply(params, batch, None, router_state)
         return self.sequence_log_likelihood(logits, batch)
 
     def sequence_log_likelihood(self, logits: jax.Array, batch: Batch) -> jax.Array:

@@ -31,7 +31,7 @@ from moe.models.layers import (
     RmsNorm,
 )
 from moe.moe_layer import MoeLayer
-from moe.routing.shell import ROUTER_LOADS, ROUTER_STATE
+from moe.routing.shell import BATCH_COUNTS, ROUTER_LOADS, ROUTER_STATE
 
 
 def attention_bias(mask: jax.Array) -> jax.Array:
@@ -302,6 +302,7 @@ class TransformerStack(nn.Module):
             block_cls,
             variable_axes={
                 "params": 0, "cache": 0, "moe": 0, ROUTER_STATE: 0, ROUTER_LOADS: 0,
+                BATCH_COUNTS: 0,
             },
             split_rngs={"params": True, "dropout": True, "router": True},
             in_axes=nn.broadcast,

@@ -61,6 +61,10 @@ class RouterDefaults:
         del expert_load
         return state
 
+    def batch_counts(self, plan: RoutingPlan) -> dict[str, jax.Array]:
+        del plan
+        return {}
+
 # How a token's routing can depend on later tokens of its routing group:
 #   'causal'                  never: the router may run in a causal decoder.
 #   'leaks_through_capacity'  only through capacity: a later token can take a slot an earlier
@@ -133,6 +137,16 @@ class RouterSpec(Protocol):
         """
         ...
 
+    def batch_counts(self, plan: RoutingPlan) -> dict[str, jax.Array]:
+        """What this router's loss counts over the whole batch, measured on `plan` (sums over
+        its groups; `{}`: the loss needs nothing beyond the call).
+
+        When a batch is split into calls (the trainer's microbatches), a forward pass first
+        sums these over the calls; each call's `route` then gets them as `batch_counts=`
+        (divided by the number of calls), so its loss can count over the whole batch.
+        """
+        ...
+
     def validate(self, num_experts: int) -> None:
         """Raise a `ConfigurationError` naming the setting and the fix if it cannot work."""
         ...
@@ -153,6 +167,8 @@ class RouterSpec(Protocol):
         """Route [G, T, E] float32 logits; `capacity` overrides `self.capacity` (dropless: T).
 
         `rng` is a key exactly when `noise(deterministic).needs_rng`. Routers with an
-        `initial_state` also take `state=` (the current state, a dict like it).
+        `initial_state` also take `state=` (the current state, a dict like it); routers with
+        `batch_counts` take `batch_counts=` (the whole batch's, per call) when the batch is
+        split into calls.
         """
         ...

@@ -17,6 +17,9 @@ from moe.routing.plan import RoutingPlan
 # Non-parameter collections of routers with state: the state itself, and the routing demand a
 # training step measured (from which the state is updated after the step).
 ROUTER_STATE, ROUTER_LOADS = "router_state", "router_loads"
+# The counts a router's loss takes over the whole batch (`RouterSpec.batch_counts`): sown by a
+# forward pass over a step's microbatches, then given back to each gradient pass.
+BATCH_COUNTS = "batch_counts"
 
 
 class RouterWeights(nn.Module):
@@ -67,10 +70,19 @@ class Router(nn.Module):
             logits = logits * self._jitter(logits.shape, noise.logit_jitter)
         rng = self.make_rng("router") if noise.needs_rng else None
         state = self._current_state()
+        # Given only to the gradient passes of a microbatched step (see `BATCH_COUNTS`).
+        given = dict(self.variables.get(BATCH_COUNTS, {}))
         plan = self.spec.route(
             logits, padding_mask, deterministic=deterministic, rng=rng, capacity=capacity,
             **({"state": state} if state else {}),
+            **({"batch_counts": given} if given else {}),
         )
+        # Only in the trainer's counting pass (not at init, which makes every collection
+        # mutable).
+        if self.is_mutable_collection(BATCH_COUNTS) and not self.is_initializing():
+            for name, count in self.spec.batch_counts(plan).items():
+                self.sow(BATCH_COUNTS, name, count,
+                         init_fn=lambda c=count: jnp.zeros_like(c), reduce_fn=jnp.add)
         if state and not deterministic:
             # Summed over the step's microbatches by the trainer, then `spec.update_state`.
             demand = expert_demand(plan)

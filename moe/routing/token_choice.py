@@ -106,6 +106,11 @@ def slots_from_choices(
     return slot_token, slot_weight, kept
 
 
+def pre_capacity_mask(experts: jax.Array, num_experts: int) -> jax.Array:
+    """[G, T, k] chosen experts (every rank, before capacity and policy) -> [G, T, E] 0/1."""
+    return jnp.sum(jax.nn.one_hot(experts, num_experts), axis=2)
+
+
 def route_tokens_choose(
     logits: jax.Array,
     padding_mask: jax.Array | None,
@@ -118,11 +123,13 @@ def route_tokens_choose(
     rng: jax.Array | None = None,
     fill_order: FillOrder = "rank",
     balance_scope: losses.BalanceScope = "group",
+    batch_counts: dict[str, jax.Array] | None = None,
 ) -> RoutingPlan:
     """Token choice top-k routing (k=1 Switch, k=2 GShard) with per-group expert capacity.
 
     `rng` drives the 'random' and 'sampling' second-expert policies; without it (evaluation)
-    both fall back to 'all', i.e. deterministic top-k.
+    both fall back to 'all', i.e. deterministic top-k. `batch_counts` ('batch' scope): the
+    whole batch's balance counts per call (see `losses.load_balancing_loss`).
     """
     check_logits(logits)
     logits = logits.astype(jnp.float32)
@@ -169,14 +176,16 @@ def route_tokens_choose(
     slot_token, slot_weight, kept = slots_from_choices(
         experts, gates, selected, priority_order, num_experts, capacity, fill_order
     )
-    top_k_mask = jnp.sum(jax.nn.one_hot(experts, num_experts), axis=2)  # [G, T, E] pre-capacity
+    top_k_mask = pre_capacity_mask(experts, num_experts)
     return RoutingPlan(
         slot_token=slot_token,
         slot_weight=slot_weight,
         probs=probs,
         logits=logits,
         padding_mask=real,
-        auxiliary_loss=losses.load_balancing_loss(probs, top_k_mask, real, balance_scope),
+        auxiliary_loss=losses.load_balancing_loss(
+            probs, top_k_mask, real, balance_scope, batch_counts
+        ),
         router_z_loss=losses.router_z_loss(logits, real),
         choices=TokenChoices(experts=experts, gates=gates, selected=selected, kept=kept),
     )
@@ -224,7 +233,8 @@ class TokenChoice(TopKRouter):
         choice: a causal decoder then leaks the future through capacity (warned); 'token' is
         causal within a routing group.
       balance_scope: count the balance loss's f and P per routing group ('group', Switch)
-        or over the whole batch ('batch', the global-batch balance loss); see `losses`.
+        or over the whole batch ('batch', the global-batch balance loss; with microbatching
+        over every microbatch of the step, through `batch_counts`); see `losses`.
       second_expert_policy: 'all', 'random' (GShard: keep rank 2 iff 2*g2 > u) or 'sampling'.
       normalize_gates: renormalize the combine weights over the chosen k (GShard) instead of the
         raw softmax probabilities (Switch, flaxformer).
@@ -286,6 +296,13 @@ class TokenChoice(TopKRouter):
         if not 0.0 <= self.jitter_noise < 1.0:
             raise ConfigurationError(f"jitter_noise must be in [0, 1), got {self.jitter_noise}.")
 
+    def batch_counts(self, plan: RoutingPlan) -> dict[str, jax.Array]:
+        """The 'batch' scope's f counts (`losses.balance_counts`); {} for 'group'."""
+        if self.balance_scope != "batch":
+            return {}
+        mask = pre_capacity_mask(plan.choices.experts, plan.probs.shape[-1])
+        return losses.balance_counts(mask, plan.padding_mask)
+
     def route(
         self,
         logits: jax.Array,
@@ -294,8 +311,11 @@ class TokenChoice(TopKRouter):
         deterministic: bool = True,
         rng: jax.Array | None = None,
         capacity: int | None = None,
+        batch_counts: dict[str, jax.Array] | None = None,
     ) -> RoutingPlan:
-        """Route [G, T, E] logits; `capacity` overrides the cf-derived one (dropless: T)."""
+        """Route [G, T, E] logits; `capacity` overrides the cf-derived one (dropless: T);
+        `batch_counts` are the whole batch's (`batch_counts`, per call) when the batch is split
+        into calls."""
         _, num_tokens, num_experts = logits.shape
         return route_tokens_choose(
             logits,
@@ -308,4 +328,5 @@ class TokenChoice(TopKRouter):
             rng=None if deterministic else rng,
             fill_order=self.fill_order,
             balance_scope=self.balance_scope,
+            batch_counts=batch_counts,
         )
