@@ -1,10 +1,10 @@
 """SeqIO tasks of the project; importing the package registers them.
 
 `import seqio_tasks` registers GLUE and SuperGLUE under the `t5` package's names and the
-pretraining tasks (`pydoc_topics_*`, `c4_en_*`), with the vocabulary `MOE_VOCABULARY` names
-('byte' by default, 't5', or a SentencePiece `.model` path). BIG-bench tasks are registered
-here only when a BIG-bench folder is configured (`MOE_BIGBENCH_DIR` or
-`seqio_tasks.config.data_paths`) and exists; otherwise call
+pretraining tasks (`pydoc_topics_*`, `python_docs_*`, `c4_en_*`), with the vocabulary
+`MOE_VOCABULARY` names ('byte' by default, 't5', or a SentencePiece `.model` path).
+BIG-bench tasks are registered here only when a BIG-bench folder is configured
+(`MOE_BIGBENCH_DIR` or `seqio_tasks.config.data_paths`) and exists; otherwise call
 `seqio_tasks.bigbench.register_bigbench_tasks(path)` (no path: the installed `bigbench`
 package). `ensure_registered(name)` is what a program calls once its configuration is parsed
 and before it looks a task up: it registers the BIG-bench task `name` refers to from the

@@ -1,9 +1,11 @@
 """Pretraining tasks: span corruption (encoder-decoder), prefix LM and full LM (decoder-only).
 
-Three corpora:
+Four corpora:
 - `pydoc_topics_*`: CPython's embedded `pydoc_data.topics` (~465 KB of English), available
   everywhere with no download; distinct texts with crc32(text) % 10 == 0 (about 1 in 10,
   6.5% of the bytes) form the validation split.
+- `python_docs_*`: the pydoc topics plus the docstrings of the standard library and of
+  installed packages (~9 MB, no download; `python_docs.py`), held out by the same rule.
 - `c4_en_*`: TFDS `c4/en:3.1.0` when prepared (`TFDS_DATA_DIR`); never downloaded here.
 - any local text files: `register_text_file_tasks(prefix, {'train': glob, ...})`, one
   document per line.
@@ -49,6 +51,18 @@ def _pydoc_topics_dataset(split: str, shuffle_files: bool, seed: int | None = No
 
 def pydoc_topics_source() -> seqio.DataSource:
     return sources.SeededFunctionDataSource(_pydoc_topics_dataset, splits=("train", "validation"))
+
+
+def python_docs_source() -> seqio.DataSource:
+    """The `python_docs` corpus (`python_docs.py`), imported only when a dataset is built."""
+
+    def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None):
+        # Imported here: `python -m seqio_tasks.python_docs` then runs a module not yet loaded.
+        from seqio_tasks import python_docs
+
+        return python_docs.python_docs_dataset(split, shuffle_files, seed)
+
+    return sources.SeededFunctionDataSource(dataset_fn, splits=("train", "validation"))
 
 
 def c4_source() -> seqio.DataSource:
@@ -127,7 +141,10 @@ def register_text_file_tasks(
 
 
 def register_default_pretraining_tasks(vocabulary: str | seqio.Vocabulary = "byte") -> list[str]:
-    """The embedded-corpus tasks (`pydoc_topics_*`) and the C4 tasks (`c4_en_*`)."""
-    return register_pretraining_tasks(
-        "pydoc_topics", pydoc_topics_source(), vocabulary
-    ) + register_pretraining_tasks("c4_en", c4_source(), vocabulary)
+    """The embedded-corpus tasks (`pydoc_topics_*`, `python_docs_*`) and the C4 tasks
+    (`c4_en_*`). Reads no data: the corpora are built when a dataset is."""
+    return (
+        register_pretraining_tasks("pydoc_topics", pydoc_topics_source(), vocabulary)
+        + register_pretraining_tasks("python_docs", python_docs_source(), vocabulary)
+        + register_pretraining_tasks("c4_en", c4_source(), vocabulary)
+    )
