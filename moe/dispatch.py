@@ -31,7 +31,12 @@ def _dispatch_mask(plan: RoutingPlan, dtype: jnp.dtype) -> jax.Array:
 def dispatch_by_mask(x: jax.Array, plan: RoutingPlan) -> jax.Array:
     """x [G, T, d] -> expert buffers [G, E, C, d] (soft plans: weighted mixes of tokens)."""
     weights = _dispatch_mask(plan, x.dtype) if plan.soft is None else plan.soft.dispatch
-    return jnp.einsum("gtd,gect->gecd", x, weights.astype(x.dtype))
+    num_groups, num_experts, capacity, num_tokens = weights.shape
+    # One slot axis [G, E*C, T]: with (E, C) as two free axes XLA:CPU's dot backward is ~50x
+    # slower (measured with Soft MoE's 4096 slots x 2048 tokens).
+    slots = weights.reshape(num_groups, num_experts * capacity, num_tokens).astype(x.dtype)
+    buffers = jnp.einsum("gtd,gst->gsd", x, slots)
+    return buffers.reshape(num_groups, num_experts, capacity, x.shape[-1])
 
 
 def combine_by_mask(expert_out: jax.Array, plan: RoutingPlan) -> jax.Array:
@@ -40,7 +45,11 @@ def combine_by_mask(expert_out: jax.Array, plan: RoutingPlan) -> jax.Array:
         combine = _dispatch_mask(plan, jnp.float32) * plan.slot_weight[..., None]
     else:
         combine = plan.soft.combine
-    return jnp.einsum("gecd,gect->gtd", expert_out.astype(jnp.float32), combine)
+    num_groups, num_experts, capacity, num_tokens = combine.shape
+    slots = num_experts * capacity  # one slot axis, as in `dispatch_by_mask`
+    return jnp.einsum("gsd,gst->gtd",
+                      expert_out.astype(jnp.float32).reshape(num_groups, slots, -1),
+                      combine.reshape(num_groups, slots, num_tokens))
 
 
 def dispatch_by_index(x: jax.Array, plan: RoutingPlan) -> jax.Array:
