@@ -33,7 +33,7 @@ INSTALL_REQUIRES = [
 # namespace packages, so they are listed as packages (else it warns that their files would be
 # ignored). `package_dir` says every package sits at the project root: an editable install is
 # then a plain path entry instead of an import hook, which setuptools installs without notices.
-GIN_FOLDERS = ["gin_configs.models", "gin_configs.runs"]
+GIN_FOLDERS = ["gin_configs.models", "gin_configs.runs", "gin_configs.experiments"]
 
 setup(
     name="moe",
