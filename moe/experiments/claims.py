@@ -116,24 +116,37 @@ def _missing(claim: str, *entries: str) -> Claim:
                  f"needs the entries {list(entries)} with a common seed")
 
 
-def ec_reaches_top2_in_half_the_steps(runs: Runs) -> Claim:
-    claim = ("EC (cf 2) reaches GShard top-2's held-out loss in under half of top-2's steps")
-    pairs = paired(runs, "ec_cf2", "gshard_top2")
+def _paired_claim(runs: Runs, claim: str, a: str, b: str,
+                  judge: Callable[[Mapping, Mapping], tuple[bool, str]], why: str) -> Claim:
+    """A claim comparing entries `a` and `b` seed by seed: `judge(run_a, run_b)` says whether
+    that seed agrees with the claim, and what it measured."""
+    pairs = paired(runs, a, b)
     if not pairs:
-        return _missing(claim, "ec_cf2", "gshard_top2")
-    parts, agrees = [], []
-    for seed, ec, top2 in pairs:
+        return _missing(claim, a, b)
+    agrees, parts = [], []
+    for seed, run_a, run_b in pairs:
+        agree, measured = judge(run_a, run_b)
+        agrees.append(agree)
+        parts.append(f"seed {seed}: {measured}")
+    return Claim(claim, "; ".join(parts), _verdict(agrees), why)
+
+
+def ec_reaches_top2_in_half_the_steps(runs: Runs) -> Claim:
+    def judge(ec: Mapping, top2: Mapping) -> tuple[bool, str]:
         target = final_held_out(top2)
         reached = steps_to_reach(ec, target)
         total = top2["held_out"]["step"][-1]
         fraction = None if reached is None else reached / total
-        agrees.append(fraction is not None and fraction < 0.5)
-        parts.append(f"seed {seed}: top-2 ends at {target:.4f} after {total} steps; EC "
-                     + ("never reaches it" if fraction is None else
-                        f"reaches it at step {reached:.0f} ({fraction:.0%} of the steps)"))
-    return Claim(claim, "; ".join(parts), _verdict(agrees),
-                 "per seed: EC's held-out curve (interpolated between evaluations) reaches "
-                 "top-2's final held-out loss before 50% of the steps")
+        return fraction is not None and fraction < 0.5, (
+            f"top-2 ends at {target:.4f} after {total} steps; EC "
+            + ("never reaches it" if fraction is None else
+               f"reaches it at step {reached:.0f} ({fraction:.0%} of the steps)"))
+
+    return _paired_claim(
+        runs, "EC (cf 2) reaches GShard top-2's held-out loss in under half of top-2's steps",
+        "ec_cf2", "gshard_top2", judge,
+        "per seed: EC's held-out curve (interpolated between evaluations) reaches top-2's "
+        "final held-out loss before 50% of the steps")
 
 
 def top2_step_slower_than_ec(runs: Runs) -> Claim:
@@ -162,18 +175,16 @@ def top2_step_slower_than_ec(runs: Runs) -> Claim:
 
 
 def ec_beats_switch(capacity_entry: str, label: str) -> Callable[[Runs], Claim]:
+    def judge(ec: Mapping, switch: Mapping) -> tuple[bool, str]:
+        ec_loss, switch_loss = final_train(ec), final_train(switch)
+        return ec_loss < switch_loss, f"EC {ec_loss:.4f} vs Switch {switch_loss:.4f}"
+
     def check(runs: Runs) -> Claim:
-        claim = f"EC with {label} has lower training loss than Switch top-1"
-        pairs = paired(runs, capacity_entry, "switch_top1")
-        if not pairs:
-            return _missing(claim, capacity_entry, "switch_top1")
-        parts, agrees = [], []
-        for seed, ec, switch in pairs:
-            ec_loss, switch_loss = final_train(ec), final_train(switch)
-            agrees.append(ec_loss < switch_loss)
-            parts.append(f"seed {seed}: EC {ec_loss:.4f} vs Switch {switch_loss:.4f}")
-        return Claim(claim, "; ".join(parts), _verdict(agrees),
-                     "per seed, mean train cross-entropy over the last 10% of steps")
+        return _paired_claim(
+            runs, f"EC with {label} has lower training loss than Switch top-1",
+            capacity_entry, "switch_top1", judge,
+            "per seed, mean train cross-entropy over the last 10% of steps")
+
     return check
 
 
@@ -196,18 +207,16 @@ def ec_experts_per_token_shares(runs: Runs) -> Claim:
 
 
 def capped_close_to_uncapped(runs: Runs) -> Claim:
-    claim = "Capped EC (b = 2) is close to uncapped EC (paper: 83.2 vs 84.0 fine-tuned)"
-    pairs = paired(runs, "capped_ec_b2", "ec_cf2")
-    if not pairs:
-        return _missing(claim, "capped_ec_b2", "ec_cf2")
-    parts, agrees = [], []
-    for seed, capped, ec in pairs:
+    def judge(capped: Mapping, ec: Mapping) -> tuple[bool, str]:
         a, b = final_held_out(capped), final_held_out(ec)
-        agrees.append(abs(a - b) <= CLOSE_RELATIVE * b)
-        parts.append(f"seed {seed}: capped {a:.4f} vs uncapped {b:.4f} ({(a - b) / b:+.2%})")
-    return Claim(claim, "; ".join(parts), _verdict(agrees),
-                 f"held-out loss within {CLOSE_RELATIVE:.0%} (the paper compares fine-tuned "
-                 "GLUE scores; pretraining loss is what this comparison measures)")
+        return abs(a - b) <= CLOSE_RELATIVE * b, (
+            f"capped {a:.4f} vs uncapped {b:.4f} ({(a - b) / b:+.2%})")
+
+    return _paired_claim(
+        runs, "Capped EC (b = 2) is close to uncapped EC (paper: 83.2 vs 84.0 fine-tuned)",
+        "capped_ec_b2", "ec_cf2", judge,
+        f"held-out loss within {CLOSE_RELATIVE:.0%} (the paper compares fine-tuned GLUE "
+        "scores; pretraining loss is what this comparison measures)")
 
 
 def switch_drops_under_one_percent(runs: Runs) -> Claim:
