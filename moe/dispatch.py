@@ -9,6 +9,11 @@ The capacity forms read the same `RoutingPlan` slots, so they route identically;
 reads the token-major choices of the same plan. Combining runs in float32 whatever the expert
 dtype (flaxformer's combine dtype): the weights are router probabilities, and rounding them to
 bfloat16 would put the router's float32 precision to waste.
+
+The mask form's one-hot einsums run at `Precision.HIGHEST` (as flaxformer runs them on TPU):
+a one-hot matmul only moves values, so at full precision it equals the index form exactly,
+whereas the backends' default precision rounds float32 operands (TF32 on GPU, one bf16 pass on
+TPU). Soft plans' weights are real mixtures and keep the default precision of any matmul.
 """
 
 from collections.abc import Callable
@@ -28,6 +33,11 @@ def _dispatch_mask(plan: RoutingPlan, dtype: jnp.dtype) -> jax.Array:
     return jax.nn.one_hot(plan.slot_token, plan.padding_mask.shape[1], dtype=dtype)
 
 
+def _mask_precision(plan: RoutingPlan) -> jax.lax.Precision | None:
+    """Full precision for one-hot masks (exact data movement), the default for soft weights."""
+    return jax.lax.Precision.HIGHEST if plan.soft is None else None
+
+
 def dispatch_by_mask(x: jax.Array, plan: RoutingPlan) -> jax.Array:
     """x [G, T, d] -> expert buffers [G, E, C, d] (soft plans: weighted mixes of tokens)."""
     weights = _dispatch_mask(plan, x.dtype) if plan.soft is None else plan.soft.dispatch
@@ -35,7 +45,7 @@ def dispatch_by_mask(x: jax.Array, plan: RoutingPlan) -> jax.Array:
     # One slot axis [G, E*C, T]: with (E, C) as two free axes XLA:CPU's dot backward is ~50x
     # slower (measured with Soft MoE's 4096 slots x 2048 tokens).
     slots = weights.reshape(num_groups, num_experts * capacity, num_tokens).astype(x.dtype)
-    buffers = jnp.einsum("gtd,gst->gsd", x, slots)
+    buffers = jnp.einsum("gtd,gst->gsd", x, slots, precision=_mask_precision(plan))
     return buffers.reshape(num_groups, num_experts, capacity, x.shape[-1])
 
 
@@ -49,7 +59,8 @@ def combine_by_mask(expert_out: jax.Array, plan: RoutingPlan) -> jax.Array:
     slots = num_experts * capacity  # one slot axis, as in `dispatch_by_mask`
     return jnp.einsum("gsd,gst->gtd",
                       expert_out.astype(jnp.float32).reshape(num_groups, slots, -1),
-                      combine.reshape(num_groups, slots, num_tokens))
+                      combine.reshape(num_groups, slots, num_tokens),
+                      precision=_mask_precision(plan))
 
 
 def dispatch_by_index(x: jax.Array, plan: RoutingPlan) -> jax.Array:

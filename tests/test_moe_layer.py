@@ -255,3 +255,21 @@ def test_parameters_carry_logical_axes():
     assert tuple(spec["expert"]["wi_0"]) == ("expert", "embed", "mlp")
     assert tuple(spec["expert"]["wo"]) == ("expert", "mlp", "embed")
     assert tuple(spec["router"]["router_weights"]["w"]) == ("embed", "unmodeled")
+
+
+@pytest.mark.parametrize("dispatch,router,highest", [
+    ("mask", TokenChoice(2, capacity_factor=2.0), 2),
+    ("mask", ExpertChoice(2.0), 2),
+    ("index", TokenChoice(2, capacity_factor=2.0), 0),
+])
+def test_one_hot_mask_einsums_run_at_highest_precision(dispatch, router, highest):
+    """The mask dispatch's two one-hot matmuls (dispatch and combine) carry
+    Precision.HIGHEST in the lowered program, so that on GPU (TF32) and TPU (bf16 passes) they
+    move float32 values exactly as the index dispatch does; nothing else is forced to it."""
+    x = _inputs()
+    layer = MoeLayer(8, 32, router=router, dispatch=dispatch, max_group_size=48)
+    params = init(layer, x)
+    text = jitted(layer).lower({"params": params}, x).as_text()
+    dots = [line for line in text.splitlines() if "dot_general" in line]
+    assert sum("HIGHEST" in line for line in dots) == highest, "\n".join(dots)
+    assert len(dots) > highest  # the router and the experts keep the default precision
