@@ -120,6 +120,12 @@ def data_layout(device_grid: np.ndarray, batch_size: int, process_index: int) ->
 
 
 @gin.configurable
+def _reduced_axes_of(leaf_shape: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    """Whether `leaf_shape` is `shape` with some axes reduced to 1 (keepdims statistics)."""
+    return len(leaf_shape) == len(shape) and leaf_shape != shape and all(
+        n in (full, 1) for n, full in zip(leaf_shape, shape, strict=True))
+
+
 class Partitioner:
     """Owns the ('data', 'expert', 'model') mesh and every sharding derived from it.
 
@@ -236,8 +242,11 @@ class Partitioner:
         A state leaf is matched to the parameter whose key path is a suffix of the leaf's path
         (optax states hold `mu`, `nu`, ... trees shaped like the params). A leaf with the same
         shape as its parameter takes the parameter's sharding, so that moments of expert
-        weights stay expert-sharded; any other leaf (step counts, factored Adafactor rows and
-        columns, whose shapes differ) is replicated.
+        weights stay expert-sharded. A leaf of the parameter's rank whose every axis is the
+        parameter's or 1 (Adafactor's factored `v_row` [E, d, 1] and `v_col` [E, 1, f] of an
+        expert kernel [E, d, f]) keeps the parameter's sharding on the axes it keeps, so
+        expert statistics are split along the expert axis as T5X splits them; any other leaf
+        (step counts, optax's rank-reduced factors) is replicated.
         """
         params_by_path = {
             tuple(path): (leaf.shape, sharding)
@@ -253,8 +262,14 @@ class Partitioner:
                 match = params_by_path.get(path[start:])
                 if match is not None:
                     shape, sharding = match
-                    if tuple(getattr(leaf, "shape", ())) == tuple(shape):
+                    leaf_shape = tuple(getattr(leaf, "shape", ()))
+                    if leaf_shape == tuple(shape):
                         return sharding
+                    if _reduced_axes_of(leaf_shape, shape) and hasattr(sharding, "spec"):
+                        spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+                        kept = [axis if n == full else None
+                                for axis, n, full in zip(spec, leaf_shape, shape, strict=True)]
+                        return NamedSharding(sharding.mesh, PartitionSpec(*kept))
                     break
             return self.replicated_sharding
 

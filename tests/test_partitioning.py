@@ -80,15 +80,17 @@ def test_param_and_optimizer_shardings_follow_logical_axes():
     assert adam_state.nu["vocab_proj"].spec == P(None, "model")
     assert adam_state.count.spec == P()
 
-    # Factored second moments have other shapes: replicated, not mis-sharded.
+    # optax's factored second moments have other shapes: replicated (or, where a leaf keeps
+    # the parameter's rank, unsharded on the axes it reduced), never mis-sharded.
     factored = jax.eval_shape(optax.adafactor(1e-3).init, params)
     for leaf_sharding, leaf in zip(
         jax.tree.leaves(partitioner.optimizer_state_shardings(factored, params, shardings)),
         jax.tree.leaves(factored),
     ):
-        assert leaf_sharding.spec in (P(), P("expert", None, "model"), P(None, "model"))
-        if leaf_sharding.spec != P():
-            assert leaf.ndim == len(leaf_sharding.spec)
+        if all(axis is None for axis in leaf_sharding.spec):
+            continue
+        assert leaf_sharding.spec in (P("expert", None, "model"), P(None, "model"))
+        assert leaf.ndim == len(leaf_sharding.spec)
 
 
 def test_partitioned_function_matches_unsharded():
@@ -152,3 +154,31 @@ def test_indivisible_parameter_dimension_raises_clearly():
     boxed = jax.eval_shape(ThreeHeads().init, jax.random.key(0), jnp.ones((2, 4)))
     with pytest.raises(ValueError, match=r"'query'\]? has size 3 in dimension 1.*model"):
         Partitioner(num_model_partitions=2).get_shardings(boxed)
+
+
+def test_adafactor_expert_statistics_are_split_along_the_expert_axis():
+    """Our Adafactor keeps `v_row` [E, d, 1] and `v_col` [E, 1, f] per expert: they take the
+    expert kernel's sharding on the axes they keep (T5X), instead of being replicated."""
+    from moe import optimizers
+
+    partitioner = Partitioner(num_expert_partitions=4, num_model_partitions=2)
+    boxed = jax.eval_shape(_Boxed().init, jax.random.key(0), jnp.ones((2, 32)))
+    shardings = partitioner.get_shardings(boxed)["params"]
+    params = nn.meta.unbox(boxed)["params"]
+    tx = optimizers.adafactor(
+        1e-3, factor_specs=optimizers.factor_specs_from_boxed(boxed["params"]),
+        min_dim_size_to_factor=8)
+    state = jax.eval_shape(tx.init, params)
+    opt = partitioner.optimizer_state_shardings(state, params, shardings)
+    second_moments = next(s for s in opt if hasattr(s, "v_row"))
+    abstract = next(s for s in state if hasattr(s, "v_row"))
+    assert abstract.v_row["experts"].shape == (8, 32, 1)
+    assert abstract.v_col["experts"].shape == (8, 1, 16)
+    assert second_moments.v_row["experts"].spec == P("expert", None, None)
+    assert second_moments.v_col["experts"].spec == P("expert", None, "model")
+    # The vocabulary projection [d, V] is sharded ('embed' -> None, 'vocab' -> 'model').
+    assert second_moments.v_col["vocab_proj"].spec == P(None, "model")
+    assert second_moments.v_row["vocab_proj"].spec == P(None, None)
+    # Per device, an expert statistic holds only its experts: 8 experts / 4 shards.
+    shard_shape = second_moments.v_row["experts"].shard_shape((8, 32, 1))
+    assert shard_shape == (2, 32, 1)
