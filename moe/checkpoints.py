@@ -244,6 +244,23 @@ def _untiled_splits(plan: Mapping[str, Any]) -> list[str]:
     return problems
 
 
+def put_like(value: np.ndarray, leaf: Any) -> jax.Array:
+    """`value` (a host array, or a broadcast view of one) as an array of `leaf`'s dtype and
+    sharding, each device building only its own shard.
+
+    Sparse upcycling broadcasts a dense kernel to [E, ...]: materializing that on the host
+    would hold E copies (64 x 64 MB for an 8B/64E layer). Here each addressable device reads
+    its slice of the view (`jax.make_array_from_callback`), so the host holds one shard at a
+    time, and in multi-host runs each host builds only its devices' shards.
+    """
+    sharding = getattr(leaf, "sharding", None)
+    if sharding is None:
+        return jnp.asarray(value, dtype=leaf.dtype)
+    return jax.make_array_from_callback(
+        tuple(leaf.shape), sharding, lambda index: np.asarray(value[index], dtype=leaf.dtype)
+    )
+
+
 def restore_params_from(
     path: str,
     init_params: Any,
@@ -344,10 +361,8 @@ def restore_params_from(
         else:
             value = loaded[source_name].reshape(shape)
         if value.shape != leaf.shape:  # sparse upcycling: one copy of the dense kernel per expert
-            value = np.broadcast_to(value, leaf.shape)
-        new_leaves[name] = jax.device_put(
-            jnp.asarray(value, dtype=leaf.dtype), getattr(leaf, "sharding", None)
-        )
+            value = np.broadcast_to(value, leaf.shape)  # a view: no copy is made here
+        new_leaves[name] = put_like(value, leaf)
         report[name] = source_name
     flat_paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(init_params)[0]]
     treedef = jax.tree.structure(init_params)

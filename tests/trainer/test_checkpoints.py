@@ -1,6 +1,8 @@
 """Orbax checkpoints: period/keep, restore latest or a step, other meshes, dtype casts,
 partial restore with assignment maps, fallback to scratch, sparse upcycling."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -181,3 +183,41 @@ def test_checkpoint_paths_are_made_absolute_but_urls_stay_urls(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     assert str(absolute_path("gs://bucket/run/checkpoints")) == "gs://bucket/run/checkpoints"
     assert str(absolute_path("run")) == str(tmp_path / "run")
+
+
+def _resident_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+def test_sparse_upcycling_builds_each_expert_shard_on_its_device(tmp_path):
+    """Upcycling a dense kernel into 64 expert-sharded copies never stages the 64 copies on the
+    host: each of the 8 devices builds its own 8 experts. On CPU the devices' buffers are host
+    memory too, so the process's peak resident memory during the restore is measured (Linux
+    resets the peak through /proc/self/clear_refs): the final array plus at most a fraction
+    more, where staging every copy first would double it."""
+    dense = np.random.default_rng(0).standard_normal((256, 1024)).astype(np.float32)  # 1 MiB
+    ckpt = checkpoints.Checkpointer(str(tmp_path / "dense"), period=1)
+    ckpt.save(1, {"step": 1, "params": {"mlp": {"wi": jnp.asarray(dense)}}}, {})
+    ckpt.close()
+    mesh = Partitioner(num_expert_partitions=8).mesh
+    experts = 64
+    sharding = NamedSharding(mesh, PartitionSpec("expert", None, None))
+    target = {"moe": {"expert": {"wi": jax.ShapeDtypeStruct((experts, 256, 1024), jnp.float32,
+                                                            sharding=sharding)}}}
+    checkpoints.restore_params_from(  # warm-up: Orbax and JAX allocate their own state once
+        str(tmp_path / "dense"), {"mlp": {"wi": jax.ShapeDtypeStruct(dense.shape, jnp.float32)}})
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _resident_kib("VmRSS")
+    params, report = checkpoints.restore_params_from(
+        str(tmp_path / "dense"), target, [(r"moe/expert/(.*)", r"mlp/\1")])
+    peak = _resident_kib("VmHWM") - before
+    wi = params["moe"]["expert"]["wi"]
+    assert report == {"moe/expert/wi": "mlp/wi"} and wi.sharding == sharding
+    assert {s.data.shape for s in wi.addressable_shards} == {(experts // 8, 256, 1024)}
+    all_copies = experts * dense.nbytes // 1024
+    assert peak < 1.5 * all_copies, f"peak +{peak} KiB; the expert array is {all_copies} KiB"
+    for shard in wi.addressable_shards:
+        np.testing.assert_array_equal(np.asarray(shard.data)[3], dense)
