@@ -109,3 +109,15 @@ register_entry(ComparisonEntry(
      "encoder/SparseConfig.dispatch = 'mask'"),
     discrete=False,
 ))
+# DeepSeekMoE's block rather than a router: experts split 2-way (16 of half width), one shared
+# expert every token passes through, and top-3 of the routed ones: 64 + 3 x 64 hidden units a
+# token, the compute of top-2 over 128-wide experts, with the same routed parameter count.
+register_entry(ComparisonEntry(
+    "deepseek_moe", "DeepSeekMoE block (16 half-width experts, 1 shared, top-3)",
+    ("NUM_EXPERTS = 16", "EXPERT_MLP_DIM = 64", "NUM_SHARED_EXPERTS = 1",
+     f"{_ENCODER_ROUTER} = @encoder/TokenChoice()",
+     "encoder/TokenChoice.num_selected_experts = 3",
+     "encoder/TokenChoice.capacity_factor = 1.0",
+     "encoder/TokenChoice.eval_capacity_factor = None"),
+))
+
