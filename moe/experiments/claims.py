@@ -5,7 +5,9 @@ measured here (per seed), and a verdict decided by a rule fixed before looking a
 
 - Comparisons between two models are paired by seed (same initialization and data order). A
   claim is *reproduced* when every seed agrees with it, *not reproduced* when every seed
-  contradicts it, and *inconclusive* when seeds disagree or a model is missing.
+  contradicts it, and *inconclusive* when seeds disagree, a seed's difference is within its
+  noise (train losses: two standard errors of the averaged log periods), or a model is
+  missing.
 - Quantities the paper states as numbers (drop rates, experts-per-token shares) are compared
   with a stated tolerance.
 
@@ -30,6 +32,8 @@ CLOSE_RELATIVE = 0.01
 SHARE_MARGIN = {"3-4": 0.08, ">4": 0.03}
 SWITCH_MAX_DROP = 0.01
 TRAIN_TAIL = 0.1  # final train loss: mean over the last 10% of the logged steps
+# A seed's train-loss difference counts only beyond this many standard errors.
+NOISE_ERRORS = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,12 +60,21 @@ def final_held_out(run: Mapping[str, Any]) -> float:
     return float(run["held_out"]["cross_ent_loss"][-1])
 
 
-def final_train(run: Mapping[str, Any]) -> float:
-    """Mean train cross-entropy over the logged steps in the last 10% of training."""
+def _train_tail(run: Mapping[str, Any]) -> np.ndarray:
     steps = np.asarray(run["train"]["step"])
     losses = np.asarray(run["train"]["cross_ent_loss"])
-    tail = steps > steps[-1] * (1 - TRAIN_TAIL)
-    return float(np.mean(losses[tail]))
+    return losses[steps > steps[-1] * (1 - TRAIN_TAIL)]
+
+
+def final_train(run: Mapping[str, Any]) -> float:
+    """Mean train cross-entropy over the logged steps in the last 10% of training."""
+    return float(np.mean(_train_tail(run)))
+
+
+def final_train_error(run: Mapping[str, Any]) -> float:
+    """Standard error of `final_train`, from the spread of the logged periods it averages."""
+    tail = _train_tail(run)
+    return float(np.std(tail, ddof=1) / np.sqrt(len(tail))) if len(tail) > 1 else 0.0
 
 
 def steps_to_reach(run: Mapping[str, Any], target: float) -> float | None:
@@ -101,12 +114,12 @@ def paired(runs: Runs, a: str, b: str) -> list[tuple[int, Mapping, Mapping]]:
     return [(r["seed"], r, by_seed[r["seed"]]) for r in runs.get(a, []) if r["seed"] in by_seed]
 
 
-def _verdict(agrees: list[bool]) -> str:
-    if not agrees:
-        return INCONCLUSIVE
-    if all(agrees):
+def _verdict(agrees: list[bool | None]) -> str:
+    """Every seed agrees: reproduced; every seed contradicts: not reproduced; otherwise (seeds
+    disagree, or a seed's difference is within its noise: None) inconclusive."""
+    if agrees and all(a is True for a in agrees):
         return REPRODUCED
-    if not any(agrees):
+    if agrees and all(a is False for a in agrees):
         return NOT_REPRODUCED
     return INCONCLUSIVE
 
@@ -117,7 +130,8 @@ def _missing(claim: str, *entries: str) -> Claim:
 
 
 def _paired_claim(runs: Runs, claim: str, a: str, b: str,
-                  judge: Callable[[Mapping, Mapping], tuple[bool, str]], why: str) -> Claim:
+                  judge: Callable[[Mapping, Mapping], tuple[bool | None, str]],
+                  why: str) -> Claim:
     """A claim comparing entries `a` and `b` seed by seed: `judge(run_a, run_b)` says whether
     that seed agrees with the claim, and what it measured."""
     pairs = paired(runs, a, b)
@@ -175,15 +189,21 @@ def top2_step_slower_than_ec(runs: Runs) -> Claim:
 
 
 def ec_beats_switch(capacity_entry: str, label: str) -> Callable[[Runs], Claim]:
-    def judge(ec: Mapping, switch: Mapping) -> tuple[bool, str]:
+    def judge(ec: Mapping, switch: Mapping) -> tuple[bool | None, str]:
         ec_loss, switch_loss = final_train(ec), final_train(switch)
-        return ec_loss < switch_loss, f"EC {ec_loss:.4f} vs Switch {switch_loss:.4f}"
+        error = float(np.hypot(final_train_error(ec), final_train_error(switch)))
+        difference = switch_loss - ec_loss
+        agrees = None if abs(difference) <= NOISE_ERRORS * error else difference > 0
+        return agrees, (f"EC {ec_loss:.4f} vs Switch {switch_loss:.4f} (difference "
+                        f"{difference:+.4f}, noise {NOISE_ERRORS:g} x {error:.4f})")
 
     def check(runs: Runs) -> Claim:
         return _paired_claim(
             runs, f"EC with {label} has lower training loss than Switch top-1",
             capacity_entry, "switch_top1", judge,
-            "per seed, mean train cross-entropy over the last 10% of steps")
+            "per seed, mean train cross-entropy over the last 10% of steps; a seed counts "
+            f"only when the difference exceeds {NOISE_ERRORS:g} standard errors (from the "
+            "spread of the logged periods averaged), else it is within noise")
 
     return check
 

@@ -120,3 +120,18 @@ def test_report_and_figure_from_results_alone(tmp_path):
     # Paired by seed: each seed's difference to the dense model of the same seed.
     assert "| -0.1000 / -0.1000 |" in text and "| -0.2000 / -0.2000 |" in text
     assert os.path.getsize(paths[1]) > 10_000
+
+
+def test_a_train_loss_difference_within_noise_does_not_count():
+    """Switch's logged periods in the last 10% read 1.9 and 2.1: EC's 0.01 lower loss is within
+    two standard errors, so the seed neither supports nor contradicts the claim; a 0.5 lower
+    loss does count."""
+    def pair(ec_tail):
+        ec = run("ec_cf1", 0, [1] * 4, train=[3.0, 2.0, *ec_tail])
+        switch = run("switch_top1", 0, [1] * 4, train=[3.0, 2.0, 1.9, 2.1])
+        ec["train"]["step"] = switch["train"]["step"] = [50, 100, 190, 200]
+        return claims.ec_beats_switch("ec_cf1", "cf 1")(claims.runs_by_entry(results(ec, switch)))
+
+    within = pair([1.99, 1.99])
+    assert within.verdict == claims.INCONCLUSIVE and "noise 2 x 0.1000" in within.measured
+    assert pair([1.5, 1.5]).verdict == claims.REPRODUCED
