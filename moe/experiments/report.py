@@ -55,48 +55,90 @@ def _held_out_elapsed(run: Mapping[str, Any]) -> list[float]:
                           [0.0, *run["train"]["elapsed_seconds"]]))
 
 
+def _difference_curves(runs: Sequence[Mapping[str, Any]],
+                       reference: Sequence[Mapping[str, Any]]
+                       ) -> tuple[np.ndarray, np.ndarray] | None:  # fmt: skip
+    """(steps, [seeds, evaluations]) held-out loss minus the reference's of the same seed."""
+    by_seed = {r["seed"]: r for r in reference}
+    pairs = [(r, by_seed[r["seed"]]) for r in runs if r["seed"] in by_seed]
+    if not pairs:
+        return None
+    length = min(min(len(a["held_out"]["step"]), len(b["held_out"]["step"])) for a, b in pairs)
+    steps = np.asarray(pairs[0][0]["held_out"]["step"][:length])
+    return steps, np.asarray([np.subtract(a["held_out"]["cross_ent_loss"][:length],
+                                          b["held_out"]["cross_ent_loss"][:length])
+                              for a, b in pairs])
+
+
 def write_figure(results: Mapping[str, Any], path: str) -> str:
+    """Held-out loss by step and by wall time, its difference to the dense model of the same
+    seed (the data order moves every model's loss alike; the difference removes that), and the
+    experts-per-token histogram."""
     by_entry = claims_lib.runs_by_entry(results)
     order = [e for e in results["entries"] if e in by_entry]
-    fig, axes = plt.subplots(1, 3, figsize=(18, 5.2))
+    fig, grid = plt.subplots(2, 2, figsize=(16, 10.5))
+    by_step, by_time, difference, histogram = grid.flat
     colors = plt.get_cmap("tab10")
+    reference = by_entry.get(REFERENCE_ENTRY)
     for i, name in enumerate(order):
-        runs = by_entry[name]
+        runs, color = by_entry[name], colors(i % 10)
         label = f"{runs[0]['label']} ({len(runs)} seeds)"
         steps, mean, low, high = _mean_curve(runs, "step")
-        axes[0].plot(steps, mean, color=colors(i % 10), label=label)
-        axes[0].fill_between(steps, low, high, color=colors(i % 10), alpha=0.2)
+        by_step.plot(steps, mean, color=color, label=label)
+        by_step.fill_between(steps, low, high, color=color, alpha=0.15)
         timed = [{**r, "held_out": {**r["held_out"], "elapsed": _held_out_elapsed(r)}}
                  for r in runs]
         seconds, mean, low, high = _mean_curve(timed, "elapsed")
-        axes[1].plot(seconds, mean, color=colors(i % 10), label=label)
-        axes[1].fill_between(seconds, low, high, color=colors(i % 10), alpha=0.2)
-    for ax, xlabel in ((axes[0], "training step"), (axes[1], "training wall time (s)")):
+        by_time.plot(seconds, mean, color=color, label=label)
+        by_time.fill_between(seconds, low, high, color=color, alpha=0.15)
+        curves = _difference_curves(runs, reference) if reference else None
+        if curves is not None and name != REFERENCE_ENTRY:
+            steps, values = curves
+            difference.plot(steps, values.mean(axis=0), color=color, label=label)
+            difference.fill_between(steps, values.min(axis=0), values.max(axis=0),
+                                    color=color, alpha=0.15)
+    for ax, xlabel in ((by_step, "training step"), (by_time, "training wall time (s)")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("held-out cross-entropy (nats/token)")
         ax.grid(alpha=0.3)
         _zoom(ax, by_entry, order)
-    axes[0].set_title("Held-out loss by step (shaded: range over seeds)")
-    axes[1].set_title("Held-out loss by wall time (same process)")
-    axes[0].legend(fontsize=7)
+    by_step.set_title("Held-out loss by step (shaded: range over seeds)")
+    by_time.set_title("Held-out loss by training wall time (one process)")
+    by_step.legend(fontsize=7)
+    difference.axhline(0.0, color="black", linewidth=0.8)
+    difference.set_xlabel("training step")
+    difference.set_ylabel("held-out loss minus dense, same seed (nats/token)")
+    difference.set_title("Difference to the dense model of the same seed (below 0: better)")
+    difference.grid(alpha=0.3)
+    _zoom_difference(difference)
     sparse = [n for n in order if _routes_whole_tokens(by_entry[n][0])]
     width = 0.8 / max(len(sparse), 1)
     for i, name in enumerate(sparse):
         shares = np.asarray([[claims_lib.bucket_shares(r).get(b, 0.0) for b in HISTOGRAM_BUCKETS]
                              for r in by_entry[name]])
         x = np.arange(len(HISTOGRAM_BUCKETS)) + (i - (len(sparse) - 1) / 2) * width
-        axes[2].bar(x, shares.mean(axis=0), width, color=colors(order.index(name) % 10),
-                    label=by_entry[name][0]["label"],
-                    yerr=[shares.mean(0) - shares.min(0), shares.max(0) - shares.mean(0)])
-    axes[2].set_xticks(np.arange(len(HISTOGRAM_BUCKETS)), HISTOGRAM_BUCKETS)
-    axes[2].set_xlabel("experts per token")
-    axes[2].set_ylabel("share of held-out tokens (all MoE layers)")
-    axes[2].set_title("Experts per token")
-    axes[2].legend(fontsize=7)
+        histogram.bar(x, shares.mean(axis=0), width, color=colors(order.index(name) % 10),
+                      label=by_entry[name][0]["label"],
+                      yerr=[shares.mean(0) - shares.min(0), shares.max(0) - shares.mean(0)])
+    histogram.set_xticks(np.arange(len(HISTOGRAM_BUCKETS)), HISTOGRAM_BUCKETS)
+    histogram.set_xlabel("experts per token")
+    histogram.set_ylabel("share of held-out tokens (all MoE layers)")
+    histogram.set_title("Experts per token (routers that send whole tokens)")
+    histogram.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _zoom_difference(ax: Any) -> None:
+    """Leave out the first evaluations, where differences are an order of magnitude larger."""
+    values = [y for line in ax.get_lines()[1:] for x, y in zip(*line.get_data(), strict=True)
+              if x >= 0.3 * max(line.get_xdata())]
+    if values:
+        low, high = min(values), max(values)
+        margin = 0.1 * max(high - low, 1e-3)
+        ax.set_ylim(min(low, 0.0) - margin, max(high, 0.0) + margin)
 
 
 def _routes_whole_tokens(run: Mapping[str, Any]) -> bool:
