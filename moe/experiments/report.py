@@ -90,13 +90,11 @@ def write_figure(results: Mapping[str, Any], path: str) -> str:
                  for r in runs]
         seconds, mean, low, high = _mean_curve(timed, "elapsed")
         by_time.plot(seconds, mean, color=color, label=label)
-        by_time.fill_between(seconds, low, high, color=color, alpha=0.15)
+        by_time.fill_between(seconds, low, high, color=color, alpha=0.07)
         curves = _difference_curves(runs, reference) if reference else None
         if curves is not None and name != REFERENCE_ENTRY:
             steps, values = curves
             difference.plot(steps, values.mean(axis=0), color=color, label=label)
-            difference.fill_between(steps, values.min(axis=0), values.max(axis=0),
-                                    color=color, alpha=0.15)
     for ax, xlabel in ((by_step, "training step"), (by_time, "training wall time (s)")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("held-out cross-entropy (nats/token)")
@@ -108,7 +106,8 @@ def write_figure(results: Mapping[str, Any], path: str) -> str:
     difference.axhline(0.0, color="black", linewidth=0.8)
     difference.set_xlabel("training step")
     difference.set_ylabel("held-out loss minus dense, same seed (nats/token)")
-    difference.set_title("Difference to the dense model of the same seed (below 0: better)")
+    difference.set_title("Held-out loss minus the dense model's of the same seed, mean over "
+                         "seeds (below 0: better)")
     difference.grid(alpha=0.3)
     _zoom_difference(difference)
     sparse = [n for n in order if _routes_whole_tokens(by_entry[n][0])]
@@ -231,14 +230,32 @@ def claims_table(results: Mapping[str, Any]) -> list[str]:
 
 
 def corpus_lines(corpus: Mapping[str, Any] | None) -> list[str]:
+    """The corpus's identity, its splits, and a table of what each source contributed."""
     if not corpus:
         return ["The pretraining task's corpus is not one this report describes."]
-    lines = [f"`{key}`: {value}" for key, value in corpus.items() if not isinstance(value, dict)]
-    for key, value in corpus.items():
-        if isinstance(value, dict):
-            lines.append(f"`{key}`:")
-            lines += [f"  - {k}: {v}" for k, v in value.items()]
-    return [f"- {line}" if not line.startswith("  ") else line for line in lines]
+    lines = [f"- {key}: `{value}`" for key, value in corpus.items()
+             if not isinstance(value, dict | list)]
+    if corpus.get("missing_packages"):
+        lines.append(f"- not installed, left out: {corpus['missing_packages']}")
+    for split, value in corpus.get("splits", {}).items():
+        lines.append(f"- {split}: {value.get('documents')} documents, {value.get('bytes'):,} "
+                     f"bytes, sha256 `{value.get('sha256')}`")
+    sources = corpus.get("sources", {})
+    if sources:
+        lines += ["", "| source | version | documents | bytes | train bytes | held-out bytes |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {name} | {v.get('version')} | {v.get('documents')} | {v.get('bytes'):,} | "
+                  f"{v.get('train_bytes'):,} | {v.get('validation_bytes'):,} |"
+                  for name, v in sources.items()]
+    return lines
+
+
+def _tokens_trained(settings: Mapping[str, Any]) -> str | None:
+    try:
+        per_step = settings["BATCH_SIZE"] * sum(settings["TASK_FEATURE_LENGTHS"].values())
+        return f"{settings['TRAIN_STEPS'] * per_step:,} (inputs and targets, packed)"
+    except (KeyError, TypeError, AttributeError):
+        return None
 
 
 def write_markdown(results: Mapping[str, Any], path: str, figure: str) -> str:
@@ -258,6 +275,8 @@ def write_markdown(results: Mapping[str, Any], path: str, figure: str) -> str:
         "process on the same machine.",
         "",
         *(f"- {k}: {v}" for k, v in settings.items()),
+        *([f"- tokens trained per model: {_tokens_trained(settings)}"]
+          if _tokens_trained(settings) else []),
         "",
         f"![comparison]({os.path.basename(figure)})",
         "",
