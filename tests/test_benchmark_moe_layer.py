@@ -47,3 +47,27 @@ def test_benchmark_rows_for_the_modern_routers(tmp_path):
     assert ("soft_moe", "mask") in rows and ("soft_moe", "index") not in rows
     assert rows[("soft_moe", "mask")]["capacity"] == 4
     assert all(r["ratio_to_dense"] > 0 for (name, _), r in rows.items() if name != "dense")
+
+
+def test_benchmark_in_bfloat16(tmp_path):
+    """`--dtype bfloat16` runs the layer and the dense reference in bfloat16 activations."""
+    out = tmp_path / "bench.json"
+    moe_layer.main([
+        "--experts", "4", "--routers", "top2", "--dispatches", "mask,index",
+        "--batch", "2", "--length", "16", "--d_model", "8", "--d_ff", "16",
+        "--group_size", "16", "--steps", "1", "--warmup", "1", "--dtype", "bfloat16",
+        "--json", str(out),
+    ])
+    result = json.loads(out.read_text())
+    assert result["meta"]["config"]["dtype"] == "bfloat16"
+    assert {(r["router"], r["dispatch"]) for r in result["rows"]} == {
+        ("dense", "-"), ("top2", "mask"), ("top2", "index")}
+    # The dense reference really computes in bfloat16 (its parameters stay float32).
+    import jax
+    import jax.numpy as jnp
+
+    dense = moe_layer.DenseFfn(16, "relu", jnp.bfloat16)
+    x = jnp.ones((2, 16, 8), jnp.float32)
+    params = dense.init(jax.random.key(0), x)["params"]
+    assert params["wo"].dtype == jnp.float32
+    assert dense.apply({"params": params}, x).dtype == jnp.bfloat16

@@ -4,9 +4,10 @@ dense FFN of the same d_model/d_ff measured in the same run.
     python -m moe.benchmarks.moe_layer --json bench_out/moe_layer.json
 
 The objective is `value_and_grad` of `sum(out) + 0.01 * aux + 0.001 * z` with respect to the
-parameters and the input. Defaults follow the issue: d_model 512, d_ff 2048, 8 x 512 tokens,
-float32, cf 1.0, group size 512, E in {8, 32, 128}. Prints a table (median step time over
-`--steps` timed steps after warm-up, tokens/s, ratio to dense, compile time) and writes JSON.
+parameters and the input. Defaults: d_model 512, d_ff 2048, 8 x 512 tokens, float32
+activations (`--dtype bfloat16` for both the layer and the dense FFN; parameters stay float32),
+cf 1.0, group size 512, E in {8, 32, 128}. Prints a table (median step time over `--steps`
+timed steps after warm-up, tokens/s, ratio to dense, compile time) and writes JSON.
 """
 
 import argparse
@@ -68,17 +69,19 @@ class DenseFfn(nn.Module):
 
     d_ff: int
     activation: str
+    dtype: Any = jnp.float32  # computation dtype; parameters stay float32, as in the layer
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         d_model = x.shape[-1]
         init = nn.initializers.lecun_normal()
+        x = x.astype(self.dtype)
         wis = [
-            self.param(f"wi_{i}", init, (d_model, self.d_ff))
+            self.param(f"wi_{i}", init, (d_model, self.d_ff)).astype(self.dtype)
             for i in range(num_input_projections(self.activation))
         ]
         hidden = apply_activation(self.activation, [x @ w for w in wis])
-        return hidden @ self.param("wo", init, (self.d_ff, d_model))
+        return hidden @ self.param("wo", init, (self.d_ff, d_model)).astype(self.dtype)
 
 
 def _moe_objective(layer: MoeLayer, router_state: Any) -> Callable:
@@ -123,11 +126,12 @@ def time_step(
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    x = jax.random.normal(jax.random.key(0), (args.batch, args.length, args.d_model), jnp.float32)
+    dtype = jnp.dtype(args.dtype)
+    x = jax.random.normal(jax.random.key(0), (args.batch, args.length, args.d_model), dtype)
     rows = []
     for num_experts in args.experts:
         specs = router_specs(args.capacity_factor, args.group_size, num_experts)
-        dense = DenseFfn(args.d_ff, args.activation)
+        dense = DenseFfn(args.d_ff, args.activation, dtype)
         dense_params = dense.init(jax.random.key(1), x)["params"]
         reference = time_step(_dense_objective(dense), dense_params, x, args.steps, args.warmup)
         rows.append({"experts": num_experts, "router": "dense", "dispatch": "-", **reference})
@@ -148,6 +152,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                     activation=args.activation,
                     dispatch=dispatch,
                     max_group_size=args.group_size,
+                    dtype=dtype,
                 )
                 variables = nn.meta.unbox(layer.init(jax.random.key(1), x))
                 objective = _moe_objective(layer, variables.get(ROUTER_STATE))
@@ -204,6 +209,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=8 if jax.default_backend() == "cpu" else 1 << 30,
         help="skip dropless above this E (on CPU ragged_dot costs E times a dense matmul)",
     )
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="activation dtype of the layer and the dense FFN (params float32)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args(argv)
@@ -221,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"MoE layer fwd+bwd on {jax.devices()[0].platform} x{jax.device_count()} "
           f"({os.cpu_count()} CPUs), d_model {args.d_model}, d_ff {args.d_ff}, "
           f"{args.batch}x{args.length} tokens, cf {args.capacity_factor}, "
-          f"group {args.group_size}, {args.activation}")
+          f"group {args.group_size}, {args.activation}, {args.dtype}")
     print(_HEADER)
     rows = run(args)
     if args.json:
