@@ -119,13 +119,13 @@ def data_layout(device_grid: np.ndarray, batch_size: int, process_index: int) ->
     return DataLayout(batch_size, shard_id=distinct.index(mine), num_shards=len(distinct))
 
 
-@gin.configurable
 def _reduced_axes_of(leaf_shape: tuple[int, ...], shape: tuple[int, ...]) -> bool:
     """Whether `leaf_shape` is `shape` with some axes reduced to 1 (keepdims statistics)."""
     return len(leaf_shape) == len(shape) and leaf_shape != shape and all(
         n in (full, 1) for n, full in zip(leaf_shape, shape, strict=True))
 
 
+@gin.configurable
 class Partitioner:
     """Owns the ('data', 'expert', 'model') mesh and every sharding derived from it.
 

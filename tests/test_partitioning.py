@@ -182,3 +182,15 @@ def test_adafactor_expert_statistics_are_split_along_the_expert_axis():
     # Per device, an expert statistic holds only its experts: 8 experts / 4 shards.
     shard_shape = second_moments.v_row["experts"].shard_shape((8, 32, 1))
     assert shard_shape == (2, 32, 1)
+
+
+def test_partitioner_is_gin_configurable():
+    """T5X users bind the partitioner's rules in gin: `Partitioner.logical_axis_rules`."""
+    import gin
+
+    try:
+        gin.parse_config("import moe.partitioning\n"
+                         "Partitioner.logical_axis_rules = [('batch', 'data')]")
+        assert Partitioner().logical_axis_rules[0] == ("batch", "data")
+    finally:
+        gin.clear_config()
