@@ -62,7 +62,7 @@ class PositionHashRouter(RouterDefaults):
 
     def route(self, logits, padding_mask, *, deterministic=True, rng=None, capacity=None):
         num_groups, num_tokens, num_experts = logits.shape
-        capacity = capacity or self.capacity(num_tokens, num_experts, deterministic)
+        capacity = self.group_capacity(logits, capacity, deterministic)
         real = real_mask(padding_mask, (num_groups, num_tokens))
         probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
         experts = jnp.broadcast_to(jnp.arange(num_tokens) % num_experts, (num_groups, num_tokens))

@@ -108,8 +108,7 @@ class ExpertChoice(RouterDefaults):
         capacity: int | None = None,
     ) -> RoutingPlan:
         del rng
-        _, num_tokens, num_experts = logits.shape
-        capacity = capacity or self.capacity(num_tokens, num_experts, deterministic)
+        capacity = self.group_capacity(logits, capacity, deterministic)
         return self._route_with_capacity(logits, padding_mask, capacity)
 
     def _route_with_capacity(

@@ -65,6 +65,13 @@ class RouterDefaults:
         del plan
         return {}
 
+    def group_capacity(self, logits: jax.Array, capacity: int | None,
+                       deterministic: bool) -> int:
+        """`route`'s capacity: the one given (dropless: T), else `capacity` for the group of
+        [G, T, E] `logits`."""
+        _, num_tokens, num_experts = logits.shape
+        return capacity or self.capacity(num_tokens, num_experts, deterministic)
+
 # How a token's routing can depend on later tokens of its routing group:
 #   'causal'                  never: the router may run in a causal decoder.
 #   'leaks_through_capacity'  only through capacity: a later token can take a slot an earlier

@@ -210,12 +210,11 @@ class SigmoidTokenChoice(TopKRouter):
         state: dict[str, jax.Array] | None = None,
     ) -> RoutingPlan:
         del rng
-        _, num_tokens, num_experts = logits.shape
         return route_sigmoid_tokens_choose(
             logits,
             padding_mask,
             num_selected_experts=self.num_selected_experts,
-            capacity=capacity or self.capacity(num_tokens, num_experts, deterministic),
+            capacity=self.group_capacity(logits, capacity, deterministic),
             routed_scaling_factor=self.routed_scaling_factor,
             selection_bias=(state or {}).get("selection_bias"),
             num_expert_groups=self.num_expert_groups,

@@ -316,12 +316,11 @@ class TokenChoice(TopKRouter):
         """Route [G, T, E] logits; `capacity` overrides the cf-derived one (dropless: T);
         `batch_counts` are the whole batch's (`batch_counts`, per call) when the batch is split
         into calls."""
-        _, num_tokens, num_experts = logits.shape
         return route_tokens_choose(
             logits,
             padding_mask,
             num_selected_experts=self.num_selected_experts,
-            capacity=capacity or self.capacity(num_tokens, num_experts, deterministic),
+            capacity=self.group_capacity(logits, capacity, deterministic),
             batch_prioritized=self.batch_prioritized,
             second_expert_policy=self.second_expert_policy,
             normalize_gates=self.normalize_gates,
