@@ -403,9 +403,7 @@ def restore_router_state_from(path: str, init_router_state: Any, step: int | Non
     arrays = read_host_arrays(source.state_dir,
                               {f"{ROUTER_STATE}/{k}": stored[k] for k in targets})
     return unflatten_like(init_router_state, {
-        k: jax.device_put(jnp.asarray(arrays[f"{ROUTER_STATE}/{k}"], leaf.dtype),
-                          getattr(leaf, "sharding", None))
-        for k, leaf in targets.items()
+        k: put_like(arrays[f"{ROUTER_STATE}/{k}"], leaf) for k, leaf in targets.items()
     })
 
 

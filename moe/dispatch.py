@@ -22,10 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from moe.errors import ConfigurationError
-from moe.routing.interface import DISPATCHES
 from moe.routing.plan import RoutingPlan
-
-DISPATCH_NAMES = DISPATCHES
 
 
 def _dispatch_mask(plan: RoutingPlan, dtype: jnp.dtype) -> jax.Array:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import logging
 from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any
@@ -31,7 +30,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from moe import checkpoints, data
+from moe import checkpoints, data, log_filters
 from moe.errors import ConfigurationError
 from moe.partitioning import Partitioner
 from moe.routing.shell import ROUTER_STATE
@@ -132,23 +131,11 @@ def restore_for_inference(
     return Restored(task, partitioner, params, router_state)
 
 
-class _DropMessage(logging.Filter):
-    def __init__(self, prefix: str):
-        super().__init__()
-        self.prefix = prefix
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.prefix)
-
-
 def make_evaluator(model: Any, cfg: data.DatasetConfig,
                    num_examples: int | None = None) -> seqio.Evaluator:  # fmt: skip
     """The `seqio.Evaluator` of `cfg`'s split (its first `num_examples` examples per task),
     without its notice that it logs nothing; its other messages pass."""
-    absl_logger = logging.getLogger("absl")
-    drop = _DropMessage(EMPTY_LOGGER_CLS_NOTICE)
-    absl_logger.addFilter(drop)
-    try:
+    with log_filters.dropping("absl", EMPTY_LOGGER_CLS_NOTICE):
         return seqio.Evaluator(
             cfg.mixture_or_task_name,
             feature_converter=model.feature_converter_cls(pack=False),
@@ -157,8 +144,6 @@ def make_evaluator(model: Any, cfg: data.DatasetConfig,
             sequence_length=dict(cfg.task_feature_lengths),
             num_examples=num_examples,
         )
-    finally:
-        absl_logger.removeFilter(drop)
 
 
 def require_metric_fns(task: seqio.Task | seqio.Mixture, cfg: data.DatasetConfig) -> None:

@@ -31,6 +31,7 @@ from typing import Any
 import gin
 from gin import config_parser
 
+from moe import log_filters
 from moe.errors import ConfigurationError
 from moe.interop import t5x_gin
 
@@ -130,15 +131,6 @@ def resolve_gin_file(name: str, search_paths: Sequence[str]) -> str:
     )
 
 
-class _DropMessages(logging.Filter):
-    def __init__(self, prefix: str):
-        super().__init__()
-        self.prefix = prefix
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefix)
-
-
 def parse_gin(
     gin_files: Sequence[str],
     gin_bindings: Sequence[str] = (),
@@ -171,9 +163,7 @@ def parse_gin(
 
 def _parse_gin_files(files: Sequence[str], search_paths: Sequence[str]) -> None:
     # gin logs an error for each search path an `include` is not under before it finds it.
-    quiet = _DropMessages("Path not found")
-    logging.getLogger().addFilter(quiet)
-    try:
+    with log_filters.dropping(None, "Path not found"):
         for path in files:
             if t5x_gin.is_t5x_gin(path, search_paths):
                 _parse_t5x_gin(path, search_paths)
@@ -182,8 +172,6 @@ def _parse_gin_files(files: Sequence[str], search_paths: Sequence[str]) -> None:
                 gin.parse_config_file(path)
             except Exception as e:  # gin raises several types; all mean the file is unusable.
                 raise GinConfigError(f"Gin file {path} cannot be parsed: {e}") from e
-    finally:
-        logging.getLogger().removeFilter(quiet)
 
 
 # --- Checking command-line bindings -----------------------------------------------------------

@@ -22,10 +22,11 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from moe.dispatch import BUFFERED_DISPATCH, DISPATCH_NAMES, dropless_moe
+from moe.dispatch import BUFFERED_DISPATCH, dropless_moe
 from moe.errors import ConfigurationError
 from moe.experts import MlpExperts
 from moe.routing import RouterSpec, TokenChoice
+from moe.routing.interface import DISPATCHES
 from moe.routing.metrics import routing_diagnostics
 from moe.routing.shell import Router
 
@@ -142,9 +143,9 @@ class MoeLayer(nn.Module):
         if self.num_experts < 1:
             raise ConfigurationError(f"num_experts must be >= 1, got {self.num_experts}.")
         self.router.validate(self.num_experts)
-        if self.dispatch not in DISPATCH_NAMES:
+        if self.dispatch not in DISPATCHES:
             raise ConfigurationError(
-                f"Unknown dispatch {self.dispatch!r}; choose one of {list(DISPATCH_NAMES)}."
+                f"Unknown dispatch {self.dispatch!r}; choose one of {list(DISPATCHES)}."
             )
         if self.dispatch not in self.router.dispatches:
             why = {

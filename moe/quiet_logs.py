@@ -32,6 +32,8 @@ import sys
 import tempfile
 from collections.abc import Iterator
 
+from moe.log_filters import DropNoise
+
 ENVIRONMENT_DEFAULTS = {"TF_CPP_MIN_LOG_LEVEL": "1"}
 
 # Lines TensorFlow's native code prints while loading and initializing its devices.
@@ -54,22 +56,11 @@ def apply_environment_defaults() -> None:
         os.environ.setdefault(name, value)
 
 
-class DropNoise(logging.Filter):
-    """Drops log records whose message starts with one of `prefixes`."""
-
-    def __init__(self, prefixes: tuple[str, ...] = PYTHON_LOG_NOISE):
-        super().__init__()
-        self.prefixes = prefixes
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefixes)
-
-
 def filter_python_noise() -> None:
     """Install `DropNoise` on the absl logger (Orbax logs through absl), once."""
     absl_logger = logging.getLogger("absl")
     if not any(isinstance(f, DropNoise) for f in absl_logger.filters):
-        absl_logger.addFilter(DropNoise())
+        absl_logger.addFilter(DropNoise(PYTHON_LOG_NOISE))
 
 
 @contextlib.contextmanager

@@ -6,13 +6,13 @@ task registered at import time follows the paths configured later (see `config.p
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import seqio
 import tensorflow as tf
 
+from moe import log_filters
 from seqio_tasks import config
 from seqio_tasks.errors import MissingDataError
 
@@ -21,11 +21,6 @@ LocalReader = Callable[[str, str], Iterator[Example]]  # (directory, split) -> e
 
 # seqio's warning on shuffling a FunctionDataSource (it logs through absl's "absl" logger).
 UNCACHED_FUNCTION_DATASET = "Using an uncached FunctionDataset for training"
-
-
-class _DropUncachedWarning(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(UNCACHED_FUNCTION_DATASET)
 
 
 class SeededFunctionDataSource(seqio.FunctionDataSource):
@@ -43,13 +38,8 @@ class SeededFunctionDataSource(seqio.FunctionDataSource):
                     **kwargs: Any) -> tf.data.Dataset:  # fmt: skip
         if not (shuffle and seed is not None):
             return super().get_dataset(split, shuffle, seed, shard_info, **kwargs)
-        absl_logger = logging.getLogger("absl")
-        drop = _DropUncachedWarning()
-        absl_logger.addFilter(drop)
-        try:
+        with log_filters.dropping("absl", UNCACHED_FUNCTION_DATASET):
             return super().get_dataset(split, shuffle, seed, shard_info, **kwargs)
-        finally:
-            absl_logger.removeFilter(drop)
 
 
 def _missing_tfds_message(tfds_name: str, split: str, data_dir: str | None,

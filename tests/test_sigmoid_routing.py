@@ -72,7 +72,8 @@ def test_sequence_balance_loss_formula():
     affinities = jax.nn.sigmoid(_logits(3))
     experts = jax.lax.top_k(affinities, 2)[1]
     real = jnp.arange(T)[None, :] < jnp.array([[T], [T - 5], [1]])
-    loss = float(sequence_balance_loss(affinities, experts, real))
+    normalized = affinities / jnp.sum(affinities, axis=-1, keepdims=True)
+    loss = float(sequence_balance_loss(normalized, experts, real))
     expected = []
     for g in range(G):
         n = int(real[g].sum())
@@ -83,7 +84,7 @@ def test_sequence_balance_loss_formula():
         expected.append((f * p).sum())
     assert loss == pytest.approx(np.mean(expected), rel=1e-5)
     # Uniform affinities and a uniform load give exactly 1.
-    uniform = jnp.full((1, E, E), 0.5)
+    uniform = jnp.full((1, E, E), 1.0 / E)
     experts = jnp.stack([jnp.arange(E), (jnp.arange(E) + 1) % E], -1)[None]
     assert float(sequence_balance_loss(uniform, experts, jnp.ones((1, E), bool))) == (
         pytest.approx(1.0)

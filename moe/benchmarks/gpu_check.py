@@ -46,7 +46,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moe.benchmarks.moe_layer import DenseFfn, _moe_objective, router_specs, time_step
+from moe.benchmarks.moe_layer import (
+    DenseFfn,
+    _dense_objective,
+    _moe_objective,
+    router_specs,
+    time_step,
+)
 from moe.moe_layer import MoeLayer
 from moe.partitioning import Partitioner
 from moe.routing import ExpertChoice, RouterSpec, TokenChoice
@@ -203,8 +209,7 @@ def _failure(error: Exception) -> dict:
 def _dense_time(d_ff: int, activation: str, x: jax.Array, steps: int, warmup: int) -> dict:
     module = DenseFfn(d_ff, activation, x.dtype)
     params = jax.jit(module.init)(jax.random.key(1), x)["params"]
-    objective = lambda p, x: jnp.sum(module.apply({"params": p}, x))
-    return time_step(objective, params, x, steps, warmup)
+    return time_step(_dense_objective(module), params, x, steps, warmup)
 
 
 def speed_rows(args: argparse.Namespace, sizes: dict) -> list[dict]:

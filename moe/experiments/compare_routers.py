@@ -10,7 +10,8 @@ Every model is trained by `moe.train.train` from the preset's gin
 (`gin_configs/experiments/compare_routers_<preset>.gin`, plus any `--gin_file` / `--gin.X=Y`),
 with only its entry's router bindings added (`moe.experiments.entries`). For each seed, every
 model starts from the same initialization seed and reads the same batches in the same order
-(checked: each run records a fingerprint of its first batches). Runs are trained one after the
+(each run records a fingerprint of the first batches its own parsed data configuration
+yields, rebuilt after training; entries bind router settings only). Runs are trained one after the
 other in this process, so their step times are comparable.
 
 Outputs in `--output`: `runs/<entry>/seed<k>/` (each a MODEL_DIR with checkpoints and metrics,
@@ -39,7 +40,7 @@ from typing import Any
 
 import gin
 
-from moe import checkpoints, gin_cli
+from moe import evaluation, gin_cli
 from moe.errors import ConfigurationError
 from moe.experiments import entries as entries_lib
 from moe.experiments import report, run_results
@@ -131,7 +132,9 @@ def train_and_measure(run: Run, files: Sequence[str], bindings: Sequence[str],
         return None
     model, train_cfg, eval_cfg = run_inputs()
     converter = model.feature_converter_cls(pack=train_cfg.pack)
-    params, router_state = checkpoints_variables(model, run.directory, eval_cfg)
+    # The run's latest (final) checkpoint.
+    params, router_state = evaluation.load_variables(
+        model, os.path.join(run.directory, "checkpoints"), eval_cfg, Partitioner(1, 1))
     eval_converter = model.feature_converter_cls(pack=eval_cfg.pack)
     from moe import data
 
@@ -153,15 +156,6 @@ def train_and_measure(run: Run, files: Sequence[str], bindings: Sequence[str],
                                                          FINGERPRINT_BATCHES),
         "process_seconds": time.perf_counter() - started,
     }
-
-
-def checkpoints_variables(model: Any, model_dir: str, cfg: Any) -> tuple[Any, Any]:
-    """The final parameters (and router state) a run saved."""
-    from moe import evaluation
-
-    path = os.path.join(model_dir, "checkpoints")
-    step = checkpoints.Checkpointer(path, 1, None, False).latest_step()
-    return evaluation.load_variables(model, path, cfg, Partitioner(1, 1), step)
 
 
 SETTING_MACROS = (
@@ -217,7 +211,7 @@ def run_comparison(files: Sequence[str], bindings: Sequence[str], search_paths: 
         results.append(result)
     summary = {
         "preset": preset,
-        "entries": [e.name for e in entries_lib.get_entries(list(config.entries))],
+        "entries": list(config.entries),
         "seeds": list(config.seeds),
         "settings": settings,
         "config": preset_config,
@@ -241,15 +235,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = gin_cli.parse_args(sys.argv[1:] if argv is None else argv, parser)
         files = [preset_file(args.extra.preset), *args.gin_files]
-        summary = run_comparison(files, args.gin_bindings, args.gin_search_paths,
-                                 args.extra.output, args.extra.preset)
+        # None when a SIGTERM stopped training: rerunning continues, as with moe.train.
+        run_comparison(files, args.gin_bindings, args.gin_search_paths, args.extra.output,
+                       args.extra.preset)
     except ConfigurationError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("[compare] Interrupted; rerun the same command to continue.", file=sys.stderr)
         return 1
-    del summary  # None when preempted: rerunning continues, as with moe.train
     return 0
 
 

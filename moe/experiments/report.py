@@ -261,13 +261,15 @@ def _tokens_trained(settings: Mapping[str, Any]) -> str | None:
 def write_markdown(results: Mapping[str, Any], path: str, figure: str) -> str:
     seeds = ", ".join(str(s) for s in results["seeds"])
     settings = results.get("settings", {})
+    tokens = _tokens_trained(settings)
     lines = [
         "# Router comparison",
         "",
         f"Written by `python -m moe.experiments.compare_routers` (preset "
         f"`{results.get('preset', '?')}`), seeds {seeds}. Every model of a seed starts from "
-        "the same initialization seed and reads the same batches in the same order (their "
-        "data fingerprints: " + ", ".join(sorted(_fingerprints(results))) + "). "
+        "the same initialization seed and reads the same batches in the same order (the "
+        "fingerprints of the first batches each run's data configuration yields: "
+        + ", ".join(sorted(_fingerprints(results))) + "). "
         "Models differ only in the router of their encoder MoE layers (the dense baseline has "
         "a dense MLP of the expert's width there). Losses are cross-entropy in nats per target "
         "token, without auxiliary losses. Step times are medians of the logged periods, "
@@ -275,8 +277,7 @@ def write_markdown(results: Mapping[str, Any], path: str, figure: str) -> str:
         "process on the same machine.",
         "",
         *(f"- {k}: {v}" for k, v in settings.items()),
-        *([f"- tokens trained per model: {_tokens_trained(settings)}"]
-          if _tokens_trained(settings) else []),
+        *([f"- tokens trained per model: {tokens}"] if tokens else []),
         "",
         f"![comparison]({os.path.basename(figure)})",
         "",

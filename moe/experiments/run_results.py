@@ -27,16 +27,10 @@ CROSS_ENT = "cross_ent_loss"
 _DIAGNOSTIC = "experts/{key}/"
 
 
-def bucket_counts(per_count: Iterable[float]) -> dict[str, int]:
-    """Token counts by experts per token ([E+1] counts) in the paper's buckets."""
-    counts = [round(c) for c in per_count]
-    return {
-        "0": counts[0] if counts else 0,
-        "1": counts[1] if len(counts) > 1 else 0,
-        "2": counts[2] if len(counts) > 2 else 0,
-        "3-4": sum(counts[3:5]),
-        ">4": sum(counts[5:]),
-    }
+def bucket_counts(counts: list[int]) -> dict[str, int]:
+    """Token counts by experts per token ([E+1] counts, E >= 2) in the paper's buckets."""
+    return {"0": counts[0], "1": counts[1], "2": counts[2], "3-4": sum(counts[3:5]),
+            ">4": sum(counts[5:])}
 
 
 def training_curves(model_dir: str, task: str) -> dict[str, Any]:
@@ -76,8 +70,10 @@ def training_curves(model_dir: str, task: str) -> dict[str, Any]:
 
 
 def data_fingerprint(cfg: data.DatasetConfig, feature_converter: Any, num_batches: int) -> str:
-    """sha256 of the first `num_batches` training batches: equal across runs iff they were
-    fed the same examples in the same order."""
+    """sha256 of the first `num_batches` batches that data configuration `cfg` yields (rebuilt
+    from the run's parsed gin, not captured from the trainer's iterator): equal across runs
+    iff their configurations feed the same examples in the same order, so a binding that
+    changed the data (seed, task, lengths) would show."""
     digest = hashlib.sha256()
     batches = data.get_dataset(cfg, feature_converter).take(num_batches).as_numpy_iterator()
     for batch in batches:
@@ -103,7 +99,10 @@ def routing_analysis(model: Any, params: Any, router_state: Any,
     for batch in batches:
         metrics = jax.device_get(loss(params, batch, router_state))
         num_real = float(np.sum(np.asarray(batch["encoder_input_tokens"]) > 0))
-        histograms = _layer_diagnostics(metrics, "experts_per_token")
+        histograms, loads, left_behind, drop_by_rank = (
+            _layer_diagnostics(metrics, key) for key in (
+                "experts_per_token", "expert_load", "fraction_tokens_left_behind",
+                "drop_fraction_by_rank"))
         for layer, histogram in histograms.items():
             entry = layers.setdefault(layer, {
                 "tokens": 0.0, "counts": np.zeros_like(histogram, dtype=np.float64),
@@ -111,12 +110,9 @@ def routing_analysis(model: Any, params: Any, router_state: Any,
             })
             entry["tokens"] += num_real
             entry["counts"] += histogram * num_real
-            entry["load"] = entry["load"] + num_real * _layer_diagnostics(
-                metrics, "expert_load")[layer]
-            entry["left_behind"] += num_real * float(_layer_diagnostics(
-                metrics, "fraction_tokens_left_behind")[layer])
-            entry["drop_by_rank"] = entry["drop_by_rank"] + num_real * _layer_diagnostics(
-                metrics, "drop_fraction_by_rank")[layer]
+            entry["load"] = entry["load"] + num_real * loads[layer]
+            entry["left_behind"] += num_real * float(left_behind[layer])
+            entry["drop_by_rank"] = entry["drop_by_rank"] + num_real * drop_by_rank[layer]
     out = {}
     for layer, entry in sorted(layers.items()):
         tokens = max(entry["tokens"], 1.0)

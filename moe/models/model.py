@@ -249,10 +249,8 @@ class BaseModel(abc.ABC):
     ) -> tuple[jax.Array, dict[str, Any]]:
         """Eval-mode logits [batch, length, vocab] (float32) and what the layers sow into
         'intermediates' (each MoE layer's `router_top1_expert` [batch, length])."""
-        logits, state = self.module.apply(
-            self.variables(params, router_state), **self._inputs(batch), deterministic=True,
-            mutable=["moe", "intermediates"],
-        )
+        logits, state = self._apply(params, batch, None, router_state,
+                                    mutable=("moe", "intermediates"))
         return logits, dict(state.get("intermediates", {}))
 
     # --- Predict --------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from moe.routing.token_choice import (
     TopKRouter,
     check_fill_order,
     check_num_selected_experts,
+    pre_capacity_mask,
     slots_from_choices,
 )
 
@@ -59,24 +60,17 @@ def group_limited_scores(
 
 
 def sequence_balance_loss(
-    affinities: jax.Array, experts: jax.Array, real: jax.Array
+    normalized_affinities: jax.Array, experts: jax.Array, real: jax.Array
 ) -> jax.Array:
     """DeepSeek-V3's balance loss sum_e f_e P_e per group, averaged over groups with tokens.
 
     f_e = E / (k T') * (real tokens choosing e), P_e = mean over real tokens of s_e / sum_j s_j
-    (T' real tokens): 1 when the load and the affinity are uniform.
+    (T' real tokens): 1 when the load and the affinity are uniform. That is the Switch loss
+    (`losses.load_balancing_loss`, E^2 mean_e f'_e P_e with f' the fraction choosing e) / k.
     """
-    num_experts = affinities.shape[-1]
-    k = experts.shape[-1]
-    weights = real.astype(jnp.float32)
-    num_real = jnp.maximum(jnp.sum(weights, axis=1), 1.0)  # [G]
-    chosen = jnp.sum(jax.nn.one_hot(experts, num_experts), axis=2) * weights[..., None]
-    f = num_experts / (k * num_real[:, None]) * jnp.sum(chosen, axis=1)  # [G, E]
-    normalized = affinities / jnp.sum(affinities, axis=-1, keepdims=True)
-    p = jnp.sum(normalized * weights[..., None], axis=1) / num_real[:, None]  # [G, E]
-    per_group = jnp.sum(f * p, axis=-1)
-    has_tokens = jnp.any(real, axis=1)
-    return jnp.sum(jnp.where(has_tokens, per_group, 0.0)) / jnp.maximum(jnp.sum(has_tokens), 1)
+    num_experts, k = normalized_affinities.shape[-1], experts.shape[-1]
+    top_k_mask = pre_capacity_mask(experts, num_experts)
+    return losses.load_balancing_loss(normalized_affinities, top_k_mask, real) / k
 
 
 def route_sigmoid_tokens_choose(
@@ -110,16 +104,17 @@ def route_sigmoid_tokens_choose(
     slot_token, slot_weight, kept = slots_from_choices(
         experts, gates, selected, None, num_experts, capacity, fill_order
     )
+    # The diagnostics and the balance loss read a distribution over experts.
+    normalized = affinities / jnp.sum(affinities, axis=-1, keepdims=True)
     aux = (
-        sequence_balance_loss(affinities, experts, real)
+        sequence_balance_loss(normalized, experts, real)
         if balance_loss
         else jnp.zeros((), jnp.float32)
     )
     return RoutingPlan(
         slot_token=slot_token,
         slot_weight=slot_weight,
-        # The diagnostics read a distribution over experts: the normalized affinities.
-        probs=affinities / jnp.sum(affinities, axis=-1, keepdims=True),
+        probs=normalized,
         logits=logits,
         padding_mask=real,
         auxiliary_loss=aux,
