@@ -49,8 +49,22 @@ def test_benchmark_rows_for_the_modern_routers(tmp_path):
     assert all(r["ratio_to_dense"] > 0 for (name, _), r in rows.items() if name != "dense")
 
 
-def test_benchmark_in_bfloat16(tmp_path):
-    """`--dtype bfloat16` runs the layer and the dense reference in bfloat16 activations."""
+def test_benchmark_in_bfloat16(tmp_path, monkeypatch):
+    """`--dtype bfloat16` runs the layer and the dense reference in bfloat16 activations: the
+    modules `main` builds get that dtype, and the dense FFN computes in it (params float32)."""
+    import jax
+    import jax.numpy as jnp
+
+    built = []
+    for name in ("MoeLayer", "DenseFfn"):
+        original = getattr(moe_layer, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            module = _original(*args, **kwargs)
+            built.append((_name, module.dtype))
+            return module
+
+        monkeypatch.setattr(moe_layer, name, spy)
     out = tmp_path / "bench.json"
     moe_layer.main([
         "--experts", "4", "--routers", "top2", "--dispatches", "mask,index",
@@ -62,10 +76,9 @@ def test_benchmark_in_bfloat16(tmp_path):
     assert result["meta"]["config"]["dtype"] == "bfloat16"
     assert {(r["router"], r["dispatch"]) for r in result["rows"]} == {
         ("dense", "-"), ("top2", "mask"), ("top2", "index")}
-    # The dense reference really computes in bfloat16 (its parameters stay float32).
-    import jax
-    import jax.numpy as jnp
-
+    assert sorted(built) == [("DenseFfn", jnp.bfloat16), ("MoeLayer", jnp.bfloat16),
+                             ("MoeLayer", jnp.bfloat16)]
+    monkeypatch.undo()
     dense = moe_layer.DenseFfn(16, "relu", jnp.bfloat16)
     x = jnp.ones((2, 16, 8), jnp.float32)
     params = dense.init(jax.random.key(0), x)["params"]

@@ -2,7 +2,6 @@
 E routed experts, so that the sparse model computes the dense function at initialization,
 then trains."""
 
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,12 +9,12 @@ import pytest
 
 from moe import checkpoints
 from moe.checkpoint_errors import CheckpointError
-from moe.interop.model_gin import build_model
 from moe.models.param_count import abstract_params
 from moe.partitioning import Partitioner
 from moe.trainer import Trainer
 from tests.interop.test_upcycling import upcycle_assignment_map
 from tests.models.helpers import encdec_batch, init_params
+from tests.models.test_gin_configs import load_model
 
 # t5_1_1_tiny's MLP_DIM is 64: 1 shared expert of 16 units + 3 routed experts of 16.
 FINE_GRAINED = [
@@ -29,10 +28,7 @@ FINE_GRAINED = [
 
 
 def _model(bindings=()):
-    try:
-        return build_model(gin_files=["models/t5_1_1_tiny.gin"], bindings=list(bindings))
-    finally:
-        gin.clear_config()
+    return load_model("t5_1_1_tiny", list(bindings))
 
 
 @pytest.fixture(scope="module")

@@ -2,26 +2,18 @@
 their parameter and activated-parameter counts."""
 
 import flax.linen as nn
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe.interop.model_gin import build_model
 from moe.models.config import SparseConfig
 from moe.models.layers import MlpBlock
 from moe.models.param_count import count_parameters
 from moe.models.transformer import LayerInputs, TransformerLayer
 from moe.routing import SigmoidTokenChoice
 from tests.models.helpers import tiny_config
-
-
-def _gin_model(name):
-    try:
-        return build_model(gin_files=[f"models/{name}.gin"], bindings=[])
-    finally:
-        gin.clear_config()
+from tests.models.test_gin_configs import load_model
 
 
 def test_shared_experts_see_every_token_and_add_to_the_routed_output():
@@ -51,8 +43,9 @@ def test_shared_experts_see_every_token_and_add_to_the_routed_output():
 
 
 def test_deepseek_base_parameter_counts():
-    dense = count_parameters(_gin_model("t5_1_1_base"))
-    count = count_parameters(_gin_model("deepseek_base"))
+    dense = count_parameters(load_model("t5_1_1_base"))
+    model = load_model("deepseek_base")
+    count = count_parameters(model)
     d, dense_ff, experts, expert_ff, shared, k = 768, 2048, 64, 512, 2, 6
     routed = experts * 3 * d * expert_ff  # gated-gelu: wi_0, wi_1, wo
     per_layer = routed + 3 * d * shared * expert_ff + d * experts - 3 * d * dense_ff
@@ -61,12 +54,15 @@ def test_deepseek_base_parameter_counts():
     # A token uses every non-expert parameter and k of the 64 fine-grained experts: 8 x 512
     # expert hidden units with the shared ones, the FLOPs of top-2 of 16 Base-size experts.
     assert count.activated == pytest.approx(count.total - count.expert + count.expert * k / 64)
-    assert (k + shared) * expert_ff == 2 * dense_ff
+    sparse = model.module.config.encoder_sparse
+    assert (sparse.router.num_selected_experts, sparse.num_shared_experts, sparse.d_ff) == (
+        k, shared, expert_ff)
+    assert (k + shared) * expert_ff == 2 * model.module.config.d_ff
 
 
 @pytest.mark.parametrize("name", ["deepseek_tiny", "decoder_only_deepseek_tiny"])
 def test_tiny_deepseek_gins_build_with_sigmoid_routers_and_shared_experts(name):
-    model = _gin_model(name)
+    model = load_model(name)
     config = model.module.config
     stacks = [config.decoder_sparse] + ([config.encoder_sparse] if name == "deepseek_tiny" else [])
     for sparse in stacks:
@@ -79,7 +75,7 @@ def test_tiny_deepseek_gins_build_with_sigmoid_routers_and_shared_experts(name):
 
 
 def test_deepseek_decoder_only_reference_config():
-    model = _gin_model("decoder_only_deepseek_0p1b")
+    model = load_model("decoder_only_deepseek_0p1b")
     sparse = model.module.config.decoder_sparse
     assert sparse.router.bias_update_rate == 1e-3 and sparse.router.causality == "causal"
     count = count_parameters(model)
@@ -88,7 +84,7 @@ def test_deepseek_decoder_only_reference_config():
     # router, each replacing a dense gated-gelu MLP (wi_0, wi_1, wo).
     routed = 64 * 2 * d * expert_ff
     assert count.expert == 6 * routed
-    dense = count_parameters(_gin_model("decoder_only_0p1b_dense"))
+    dense = count_parameters(load_model("decoder_only_0p1b_dense"))
     per_layer = routed + 2 * d * 2 * expert_ff + d * 64 - 3 * d * dense_ff
     assert count.total == dense.total + 6 * per_layer
     assert count.activated == pytest.approx(count.total - count.expert * (1 - 6 / 64))

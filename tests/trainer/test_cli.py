@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import gin
 import pytest
 
 from moe import train
@@ -21,11 +20,7 @@ TOY = ["--gin_file=tests/trainer/toy_model.gin", "--gin_file=runs/pretrain.gin",
        "--gin.BATCH_SIZE=8", "--gin.rsqrt_decay_schedule.warmup_steps=4"]
 
 
-@pytest.fixture(autouse=True)
-def _clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
+pytestmark = pytest.mark.usefixtures("clean_gin")
 
 
 def _main(args, capsys):

@@ -1,17 +1,11 @@
 """Configuration errors from the model, the MoE layer, the routers and the mesh reach the user as
 one `error: ...` line and exit status 2 from the entry points, never as a traceback."""
 
-import gin
 import pytest
 
 from moe import train
 
-
-@pytest.fixture(autouse=True)
-def _clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
+pytestmark = pytest.mark.usefixtures("clean_gin")
 
 
 QUICK = ["--gin_file=runs/quickstart.gin", "--gin.TRAIN_STEPS=1", "--gin.BATCH_SIZE=8"]

@@ -1,6 +1,5 @@
 """Progress lines between log periods: every `progress_interval_s` of wall time, console only."""
 
-import json
 import re
 import types
 
@@ -10,7 +9,7 @@ import pytest
 from moe import metrics_writer
 from moe.metrics_writer import MetricsWriter
 from moe.trainer import train_loop
-from tests.trainer.test_metrics_period import ScriptedTrainer, _batches, _state
+from tests.trainer.test_metrics_period import ScriptedTrainer, _batches, _rows, _state
 
 SECONDS_PER_STEP = 10.0
 
@@ -50,8 +49,7 @@ def test_a_progress_line_every_interval_between_log_rows(tmp_path, trainer, caps
     assert steps == [4, 7, 13, 16, 19]
     # Steps 2-4 (losses 2, 3, 4) in 30 s: 0.1 steps/s, 16 steps left.
     assert lines[0] == "[progress] step 4/20, loss 3.0000, 0.10 steps/s, ETA 160s"
-    with open(tmp_path / "metrics.jsonl") as f:
-        assert [json.loads(r)["step"] for r in f] == [1, 10, 20]  # no rows for progress lines
+    assert list(_rows(tmp_path)) == [1, 10, 20]  # no rows for progress lines
 
 
 def test_no_progress_lines_when_the_interval_is_none(tmp_path, trainer, capsys):
@@ -88,6 +86,4 @@ def test_steps_per_second_leaves_evaluation_out(tmp_path, trainer, monkeypatch):
     train_loop(trainer, _state(), _batches(), 10, writer=writer, log_period=10, eval_period=5,
                eval_fn=slow_eval, progress_interval_s=None)
     writer.close()
-    with open(tmp_path / "metrics.jsonl") as f:
-        rows = {r["step"]: r for r in map(json.loads, f)}
-    assert rows[10]["timing/steps_per_second"] == pytest.approx(1 / SECONDS_PER_STEP)
+    assert _rows(tmp_path)[10]["timing/steps_per_second"] == pytest.approx(1 / SECONDS_PER_STEP)
