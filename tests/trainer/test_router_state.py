@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe import checkpoints
+from moe import checkpoints, evaluation
 from moe.checkpoint_sources import flatten_params, resolve_state_dir
 from moe.errors import ConfigurationError
 from moe.models.config import SparseConfig
@@ -117,6 +117,17 @@ def test_router_state_is_checkpointed_and_restored_onto_another_mesh(tmp_path):
     assert with_state["experts/expert_load"].tolist() != fresh["experts/expert_load"].tolist()
     with pytest.raises(ConfigurationError, match="router_state"):
         other.model.loss_fn(restored["params"], eval_batch, None)
+    # eval/infer/logits restore it with the parameters, and scoring and logits depend on it.
+    params, router_state = evaluation.restore_variables(
+        other.model, str(tmp_path), other.partitioner, SHAPES)
+    np.testing.assert_array_equal(_bias({ROUTER_STATE: router_state}), _bias(state))
+    initial = other.init_state()[ROUTER_STATE]
+    scores = [np.asarray(other.model.score_batch(params, eval_batch, router_state=s))
+              for s in (router_state, initial)]
+    assert not np.array_equal(*scores)
+    logits = [np.asarray(other.model.compute_logits(params, eval_batch, router_state=s)[0])
+              for s in (router_state, initial)]
+    assert not np.array_equal(*logits)
 
 
 def _final_router_state(model_dir):
