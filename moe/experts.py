@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from moe.activations import apply_activation, is_gated
+from moe.grouped_matmul import grouped_matmul
 
 
 def expert_kernel_init(scale: float = 1.0) -> nn.initializers.Initializer:
@@ -63,7 +64,7 @@ class MlpExperts(nn.Module):
         if group_sizes is None:
             matmul = lambda a, w: jnp.einsum("egcd,edf->egcf", a, w)
         else:
-            matmul = lambda a, w: jax.lax.ragged_dot(a, w, group_sizes)
+            matmul = lambda a, w: grouped_matmul(a, w, group_sizes)
         hidden = [matmul(x, w) for w in self.input_kernels(d_model)]
         hidden = apply_activation(self.activation, hidden)
         if group_sizes is None:
