@@ -88,8 +88,9 @@ class Trainer:
             optimizers.constant_schedule(learning_rate)
         )
 
-        with partitioner.context():
-            boxed = jax.eval_shape(self._init_variables, jax.random.key(0))
+        key = jax.random.key(0)  # made outside the mesh: it may be a slice compiled for
+        with partitioner.context():  # ahead of time, whose devices cannot run anything
+            boxed = jax.eval_shape(self._init_variables, key)
         boxed_params = boxed["params"]
         # Routers with state (e.g. auxiliary-loss-free balancing) keep it beside the params.
         self.has_router_state = bool(boxed.get(ROUTER_STATE))
@@ -119,19 +120,20 @@ class Trainer:
             self.state_shardings,
         )
         batch_sharding = partitioner.batch_sharding
+        # The CPU compiler options below are for CPU meshes only (the mesh may be a TPU slice
+        # compiled ahead of time, see moe.plan).
+        on_cpu = partitioner.mesh.devices.flat[0].platform == "cpu"
         # Initialization runs once: compiled without XLA's backend optimizations, which on CPU
         # cuts its compile time by about 2.5x for a tiny model at no cost that matters.
         self._init_jit = jax.jit(
             self._init_state,
             out_shardings=self.state_shardings,
-            compiler_options={"xla_backend_optimization_level": 0},
+            compiler_options={"xla_backend_optimization_level": 0} if on_cpu else None,
         )
         # On CPU, XLA's backend optimization level 1 (default 3) compiles the train step about
         # 25% faster at the same step time: the matmuls are library calls either way
         # (measured with moe.benchmarks.train_speed). Other backends keep their defaults.
-        step_options = (
-            {"xla_backend_optimization_level": 1} if jax.default_backend() == "cpu" else None
-        )
+        step_options = {"xla_backend_optimization_level": 1} if on_cpu else None
         self.train_step = partitioner.partition(
             self._train_step,
             in_shardings=(self.state_shardings, batch_sharding),
