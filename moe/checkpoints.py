@@ -27,9 +27,7 @@ a dense kernel `[...]` from the checkpoint, copied into every expert.
 
 import dataclasses
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -40,6 +38,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from moe import file_io
 from moe.checkpoint_errors import CheckpointError
 from moe.checkpoint_sources import (
     DATA_ITEM,
@@ -425,10 +424,7 @@ def save_params(model_dir: str, params: Any, step: int = 0) -> str:
 def directory_is_writable(path: str) -> None:
     """Raise a clear error now if MODEL_DIR cannot be created or written."""
     try:
-        os.makedirs(path, exist_ok=True)
-        # A uniquely named probe: every host of a multi-host run checks the same directory.
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test"):
-            pass
+        file_io.check_writable(path)  # a gs:// MODEL_DIR too
     except OSError as e:
         raise CheckpointError(
             f"MODEL_DIR {path!r} is not writable ({e.strerror}). Choose a directory you can "

@@ -25,14 +25,13 @@ if __name__ == "__main__":
     sys.exit(main())
 
 import argparse
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
-from moe import checkpoints, gin_cli
+from moe import checkpoints, file_io, gin_cli
 from moe.checkpoint_errors import CheckpointError
 from moe.checkpoint_sources import absolute_path, flatten_params, unflatten_like
 from moe.errors import ConfigurationError
@@ -42,12 +41,11 @@ from moe.models.param_count import abstract_params
 
 
 def _write_converted(output: str, gin_text: str, params: Any, step: int) -> str:
-    """`output/model.gin` then `output/checkpoints/<step>` (each complete or absent)."""
-    os.makedirs(output, exist_ok=True)
-    gin_path = os.path.join(output, "model.gin")
-    with open(gin_path + ".partial", "w") as f:
-        f.write(gin_text)
-    os.replace(gin_path + ".partial", gin_path)
+    """`output/model.gin` then `output/checkpoints/<step>` (each complete or absent; `output`
+    may be a `gs://` URL)."""
+    file_io.makedirs(output)
+    gin_path = file_io.join(output, "model.gin")
+    file_io.write_atomically(gin_path, gin_text)
     directory = checkpoints.save_params(output, params, step)
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     print(f"Wrote {gin_path} and {directory} ({count:,} parameters). Fine-tune with "

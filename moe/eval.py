@@ -23,14 +23,13 @@ if __name__ == "__main__":
     sys.exit(main())
 
 import json
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import gin
 import seqio
 
-from moe import data, evaluation
+from moe import data, evaluation, file_io
 from moe.entry_point import run_entry_point
 from moe.partitioning import Partitioner
 
@@ -73,7 +72,8 @@ def evaluate(
     checkpoint_step: int | None = None,
     num_examples: int | None = None,
 ) -> dict[str, float]:
-    """Evaluate a checkpoint; writes `output_dir/metrics.json` and returns the metrics."""
+    """Evaluate a checkpoint; writes `output_dir/metrics.json` (`output_dir` may be a `gs://`
+    URL: `moe.file_io`) and returns the metrics."""
     restored = evaluation.restore_for_inference(
         model, checkpoint_path, dataset_cfg, output_dir, num_expert_partitions,
         num_model_partitions, checkpoint_step,
@@ -82,8 +82,8 @@ def evaluate(
         model, restored.params, restored.partitioner, dataset_cfg, num_examples,
         restored.router_state,
     )
-    with open(os.path.join(output_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2, sort_keys=True)
+    file_io.write_atomically(file_io.join(output_dir, "metrics.json"),
+                             json.dumps(metrics, indent=2, sort_keys=True))
     for name, value in sorted(metrics.items()):
         print(f"{name}: {value:.4f}", flush=True)
     return metrics

@@ -10,7 +10,8 @@ The installed `gin_configs` package is always on the search path, so `models/...
 `runs/...` resolve without flags. A T5X/flaxformer model gin (a T5X model directory's
 `config.gin`, or the gin files a published checkpoint came with) is accepted as a `--gin_file`
 too: it is read as text and translated into our model gin for the same network
-(`moe.interop.t5x_gin`). Errors (a gin file that does not exist, a binding gin cannot
+(`moe.interop.t5x_gin`). A gin file, a search path and an include may be a `gs://` URL: gin
+reads files through `moe.file_io` too. Errors (a gin file that does not exist, a binding gin cannot
 parse, an unknown configurable or parameter, a macro or scope that no gin file uses, so that the
 binding would change nothing, a required macro left unset) are raised as `GinConfigError` naming
 the file or binding, the closest existing name and the fix, before anything heavy (JAX,
@@ -31,7 +32,7 @@ from typing import Any
 import gin
 from gin import config_parser
 
-from moe import log_filters
+from moe import file_io, log_filters
 from moe.errors import ConfigurationError
 from moe.interop import t5x_gin
 
@@ -111,24 +112,31 @@ def parse_args(argv: Sequence[str], parser: argparse.ArgumentParser) -> GinArgs:
 
 def resolve_gin_file(name: str, search_paths: Sequence[str]) -> str:
     """The path of gin file `name`: as given, or under a search path, else a clear error."""
-    candidates = [name] if os.path.isabs(name) else [name] + [
-        os.path.join(d, name) for d in search_paths
-    ]
+    absolute = os.path.isabs(name) or file_io.is_url(name)
+    candidates = [name] if absolute else [name] + [file_io.join(d, name) for d in search_paths]
     for path in candidates:
-        if os.path.isfile(path):
+        if file_io.isfile(path):
             return path
     available = []
     for d in search_paths:
         for sub in ("models", "runs"):
-            folder = os.path.join(d, sub)
-            if os.path.isdir(folder):
-                available += sorted(
-                    f"{sub}/{f}" for f in os.listdir(folder) if f.endswith(".gin")
-                )
+            folder = file_io.join(d, sub)
+            if file_io.isdir(folder):
+                available += [f"{sub}/{f}" for f in file_io.listdir(folder) if f.endswith(".gin")]
     raise GinConfigError(
         f"Gin file {name!r} not found. Looked in: {candidates}. Pass a path that exists, or "
         f"add its folder with --gin_search_paths. Available: {available}"
     )
+
+
+def _is_url_file(path: str) -> bool:
+    return file_io.is_url(path) and file_io.isfile(path)
+
+
+def register_url_reader() -> None:
+    """Let gin read files (and `include`s) given as URLs through `moe.file_io`; gin's own
+    reader, `open`, keeps local paths. Registering twice registers once."""
+    gin.config.register_file_reader(file_io.open_file, _is_url_file)
 
 
 def parse_gin(
@@ -148,6 +156,7 @@ def parse_gin(
     the closest name in use, as is an unknown configurable or parameter.
     """
     search_paths = [*gin_search_paths, installed_gin_dir()]
+    register_url_reader()
     for path in search_paths:
         gin.add_config_file_search_path(path)
     files = [resolve_gin_file(f, search_paths) for f in gin_files]
@@ -469,5 +478,6 @@ __all__ = [
     "parse_args",
     "parse_command_line",
     "parse_gin",
+    "register_url_reader",
     "resolve_gin_file",
 ]

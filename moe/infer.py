@@ -19,14 +19,13 @@ if __name__ == "__main__":
     sys.exit(main())
 
 import json
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import gin
 import seqio
 
-from moe import data, evaluation
+from moe import data, evaluation, file_io
 from moe.entry_point import run_entry_point
 
 
@@ -43,7 +42,8 @@ def infer(
     decode_method: str = "greedy",
 ) -> str:
     """Write `output_dir/<task>-<split>.jsonl`: one line per example with its inputs, target and
-    prediction (decoded with the task's vocabulary). Returns the path."""
+    prediction (decoded with the task's vocabulary). Returns the path. `output_dir` may be a
+    `gs://` URL (`moe.file_io`)."""
     restored = evaluation.restore_for_inference(
         model, checkpoint_path, dataset_cfg, output_dir, num_expert_partitions,
         num_model_partitions, checkpoint_step,
@@ -52,8 +52,8 @@ def infer(
     predict = evaluation.make_predict_fn(model, restored.params, restored.partitioner,
                                          dataset_cfg.batch_size, restored.router_state,
                                          decode_method=decode_method)
-    path = os.path.join(output_dir, f"{restored.task.name}-{dataset_cfg.split}.jsonl")
-    with open(path, "w") as f:
+    path = file_io.join(output_dir, f"{restored.task.name}-{dataset_cfg.split}.jsonl")
+    with file_io.open_file(path, "w") as f:
         for sub_task in evaluator.eval_tasks:
             vocab = sub_task.output_features["targets"].vocabulary
             ds = evaluator.cached_model_datasets[sub_task.name]

@@ -19,6 +19,7 @@ bfloat16 the tool rounds every intermediate as the program writes it (XLA's
 another codebase's at the last bit instead of within fusion-dependent rounding.
 """
 
+import io
 import os
 import sys
 
@@ -36,6 +37,7 @@ import gin
 import jax
 import numpy as np
 
+from moe import file_io
 from moe.checkpoint_errors import CheckpointError
 from moe.entry_point import run_entry_point
 from moe.evaluation import restore_variables
@@ -47,9 +49,10 @@ FLOAT32_BINDINGS = ("ACTIVATION_DTYPE = 'float32'", "MOE_TRUNCATED_DTYPE = 'floa
 
 
 def read_features(path: str, module_inputs: Sequence[str]) -> dict[str, np.ndarray]:
-    """The model features of `path` (an .npz) that the model takes, as int32 arrays."""
+    """The model features of `path` (an .npz, local or a `gs://` URL) that the model takes, as
+    int32 arrays."""
     try:
-        arrays = np.load(path)
+        arrays = np.load(io.BytesIO(file_io.read_bytes(path)))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"Cannot read the features file {path!r}: {e}") from e
     features = {k: np.asarray(arrays[k]) for k in arrays.files if k in module_inputs}
@@ -93,8 +96,8 @@ def compute_logits(
     output_path: str = gin.REQUIRED,
     checkpoint_step: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Write `output_path` (.npz) with the logits of the checkpoint on the features; returns
-    the arrays written."""
+    """Write `output_path` (.npz, local or a `gs://` URL; complete or absent) with the logits of
+    the checkpoint on the features; returns the arrays written."""
     features = read_features(features_path, model.module_inputs)
     shapes = {k: v.shape for k, v in features.items() if k in model.module_inputs}
     partitioner = Partitioner(1, 1)
@@ -113,11 +116,10 @@ def compute_logits(
         "sequence_log_likelihood": np.asarray(log_likelihood, np.float32),
         **router_choices(jax.device_get(intermediates)),
     }
-    directory = os.path.dirname(os.path.abspath(output_path))
-    os.makedirs(directory, exist_ok=True)
-    temporary = os.path.join(directory, f".{os.path.basename(output_path)}.partial.npz")
-    np.savez(temporary, **arrays)
-    os.replace(temporary, output_path)  # complete or absent
+    file_io.makedirs(os.path.dirname(file_io.absolute(output_path)))
+    npz = io.BytesIO()
+    np.savez(npz, **arrays)
+    file_io.write_atomically(output_path, npz.getvalue())
     print(f"Wrote logits {arrays['logits'].shape} and {len(arrays) - 2} router choice arrays "
           f"to {output_path}", flush=True)
     return arrays

@@ -27,6 +27,8 @@ import jax
 import numpy as np
 from clu import metric_writers
 
+from moe import file_io
+
 
 def to_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
     """Flatten array metrics into named floats (vectors -> `<name>/<i>`)."""
@@ -44,7 +46,7 @@ def to_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
 def read_jsonl_records(path: str) -> tuple[list[dict[str, Any]], int]:
     """The records of a metrics log, and how many lines were not JSON (a write cut by a kill)."""
     records, torn = [], 0
-    with open(path) as f:
+    with file_io.open_file(path) as f:
         for line in f:
             if not line.strip():
                 continue
@@ -57,12 +59,7 @@ def read_jsonl_records(path: str) -> tuple[list[dict[str, Any]], int]:
 
 def rewrite_jsonl_atomically(path: str, records: list[dict[str, Any]]) -> None:
     """Replace `path` by `records`, one JSON line each; a reader sees the old or the new file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(record) + "\n" for record in records)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    file_io.write_atomically(path, "".join(json.dumps(record) + "\n" for record in records))
 
 
 def discard_records_after(path: str, step: int) -> int:
@@ -70,7 +67,7 @@ def discard_records_after(path: str, step: int) -> int:
 
     The file is left untouched when there is nothing to drop.
     """
-    if not os.path.exists(path):
+    if not file_io.exists(path):
         return 0
     records, torn = read_jsonl_records(path)
     kept = [r for r in records if r.get("step", 0) <= step]
@@ -108,7 +105,8 @@ def write_tensorboard_restart(log_dir: str, step: int) -> str:
 
 
 class MetricsWriter:
-    """TensorBoard + `metrics.jsonl` under `log_dir`, and console progress lines.
+    """TensorBoard + `metrics.jsonl` under `log_dir` (a local folder or a URL such as `gs://`:
+    `moe.file_io`), and console progress lines.
 
     `resume_step`: the step this run starts from; rows a previous run logged past it are
     dropped before anything is written (see the module doc).
@@ -123,12 +121,15 @@ class MetricsWriter:
         self._writer = None
         self._jsonl = None
         if self.is_primary:
-            os.makedirs(log_dir, exist_ok=True)
-            path = os.path.join(log_dir, "metrics.jsonl")
+            file_io.makedirs(log_dir)
+            path = file_io.join(log_dir, "metrics.jsonl")
             if resume_step is not None:
                 self._discard_after(path, resume_step)
-            self._writer = metric_writers.create_default_writer(log_dir, asynchronous=False)
-            self._jsonl = open(path, "a")  # noqa: SIM115
+            # `create_default_writer(log_dir, asynchronous=False)` without its `epath.Path`,
+            # which knows only some URL schemes: TensorFlow's writer takes any it can open.
+            self._writer = metric_writers.MultiWriter(
+                [metric_writers.LoggingWriter(), metric_writers.SummaryWriter(log_dir)])
+            self._jsonl = file_io.open_file(path, "a")
         self._last_time: float | None = None
         self._last_step: int | None = None
         self._console_time = time.monotonic()

@@ -2,15 +2,16 @@
 
 Reads `MODEL_DIR/train/metrics.jsonl` and `MODEL_DIR/training_eval/<task>/metrics.jsonl`
 (written by `MetricsWriter`), so it can be rerun on any finished or running job:
-`python -m moe.plots MODEL_DIR`.
+`python -m moe.plots MODEL_DIR`. Files are read and written through `moe.file_io`, so MODEL_DIR
+may be a `gs://` bucket.
 
 Panels: the loss on a log scale (the first steps sit an order of magnitude above the rest), the
 loss zoomed on the steps after the initial drop, the task metrics of inference evaluation when
 the logs have any (fine-tuning), and the last logged expert load per layer.
 """
 
+import io
 import json
-import os
 import re
 import sys
 
@@ -21,6 +22,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+
+from moe import file_io
 
 _LOAD = re.compile(r"^experts/expert_load/(.+)/(\d+)$")
 TASK_METRIC_PREFIX = "inference_eval/"
@@ -50,7 +53,7 @@ def latest_records(records: list[dict[str, float]]) -> list[dict[str, float]]:
 def read_metrics(path: str) -> list[dict[str, float]]:
     """The records of a `metrics.jsonl`, one per step in step order (see `latest_records`)."""
     records = []
-    with open(path) as f:
+    with file_io.open_file(path) as f:
         for line in f:
             try:
                 records.append(json.loads(line))
@@ -71,12 +74,12 @@ def expert_load_by_layer(record: dict[str, float]) -> dict[str, np.ndarray]:
 
 def read_eval_metrics(model_dir: str) -> dict[str, list[dict[str, float]]]:
     """`{task: records}` from `MODEL_DIR/training_eval/<task>/metrics.jsonl`."""
-    eval_dir = os.path.join(model_dir, "training_eval")
+    eval_dir = file_io.join(model_dir, "training_eval")
     out = {}
-    if os.path.isdir(eval_dir):
-        for task in sorted(os.listdir(eval_dir)):
-            path = os.path.join(eval_dir, task, "metrics.jsonl")
-            if os.path.exists(path):
+    if file_io.isdir(eval_dir):
+        for task in file_io.listdir(eval_dir):
+            path = file_io.join(eval_dir, task, "metrics.jsonl")
+            if file_io.exists(path):
                 out[task] = read_metrics(path)
     return out
 
@@ -145,7 +148,7 @@ def _plot_expert_load(fig: Figure, ax: Axes, record: dict[str, float]) -> None:
 
 def training_figure(model_dir: str) -> Figure:
     """The figure of `write_training_plot`; its axes titles name the panels."""
-    train = [r for r in read_metrics(os.path.join(model_dir, "train", "metrics.jsonl"))
+    train = [r for r in read_metrics(file_io.join(model_dir, "train", "metrics.jsonl"))
              if "loss" in r]
     if not train:
         raise ValueError(f"No training metrics in {model_dir}/train/metrics.jsonl yet.")
@@ -172,9 +175,11 @@ def training_figure(model_dir: str) -> Figure:
 def write_training_plot(model_dir: str, filename: str = "training.png") -> str:
     """Write `training_figure(model_dir)` as `MODEL_DIR/<filename>`; returns the PNG path."""
     fig = training_figure(model_dir)
-    path = os.path.join(model_dir, filename)
-    fig.savefig(path, dpi=100)
+    path = file_io.join(model_dir, filename)
+    png = io.BytesIO()  # matplotlib writes local files only
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    file_io.write_atomically(path, png.getvalue())
     return path
 
 

@@ -40,7 +40,7 @@ from typing import Any
 
 import gin
 
-from moe import evaluation, gin_cli
+from moe import evaluation, file_io, gin_cli
 from moe.errors import ConfigurationError
 from moe.experiments import entries as entries_lib
 from moe.experiments import report, run_results
@@ -83,7 +83,7 @@ class Run:
 
     @property
     def result_path(self) -> str:
-        return os.path.join(self.directory, RESULT_FILE)
+        return file_io.join(self.directory, RESULT_FILE)
 
 
 def preset_file(preset: str) -> str:
@@ -106,15 +106,12 @@ def plan_runs(config: ComparisonConfig, output: str) -> list[Run]:
     chosen = entries_lib.get_entries(list(config.entries))
     if not chosen:
         raise ConfigurationError("ComparisonConfig.entries is empty; name the models to train.")
-    return [Run(entry, seed, os.path.join(output, "runs", entry.name, f"seed{seed}"))
+    return [Run(entry, seed, file_io.join(output, "runs", entry.name, f"seed{seed}"))
             for seed in config.seeds for entry in chosen]
 
 
 def _write_json(path: str, value: Any) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=1)
-    os.replace(tmp, path)
+    file_io.write_atomically(path, json.dumps(value, indent=1))
 
 
 def train_and_measure(run: Run, files: Sequence[str], bindings: Sequence[str],
@@ -122,7 +119,7 @@ def train_and_measure(run: Run, files: Sequence[str], bindings: Sequence[str],
     """Train `run` (or finish it) and measure it; None when training was preempted."""
     from moe import train as moe_train  # registers `train`'s gin configurables
 
-    os.makedirs(run.directory, exist_ok=True)
+    file_io.makedirs(run.directory)
     run_bindings = [*bindings, *run.entry.bindings,
                     f"MODEL_DIR = {run.directory!r}", f"RANDOM_SEED = {run.seed}"]
     _parse(files, run_bindings, search_paths)
@@ -134,7 +131,7 @@ def train_and_measure(run: Run, files: Sequence[str], bindings: Sequence[str],
     converter = model.feature_converter_cls(pack=train_cfg.pack)
     # The run's latest (final) checkpoint.
     params, router_state = evaluation.load_variables(
-        model, os.path.join(run.directory, "checkpoints"), eval_cfg, Partitioner(1, 1))
+        model, file_io.join(run.directory, "checkpoints"), eval_cfg, Partitioner(1, 1))
     eval_converter = model.feature_converter_cls(pack=eval_cfg.pack)
     from moe import data
 
@@ -189,14 +186,13 @@ def run_comparison(files: Sequence[str], bindings: Sequence[str], search_paths: 
     _parse(files, bindings, search_paths, finalize=False)
     config = ComparisonConfig()
     runs = plan_runs(config, output)
-    os.makedirs(output, exist_ok=True)
+    file_io.makedirs(output)
     preset_config = gin.config_str()
     settings = describe_settings()
     results = []
     for index, run in enumerate(runs, 1):
-        if os.path.exists(run.result_path):
-            with open(run.result_path) as f:
-                results.append(json.load(f))
+        if file_io.exists(run.result_path):
+            results.append(json.loads(file_io.read_text(run.result_path)))
             print(f"[compare] {index}/{len(runs)} {run.entry.name} seed {run.seed}: done "
                   "earlier, read back.", flush=True)
             continue
@@ -218,7 +214,7 @@ def run_comparison(files: Sequence[str], bindings: Sequence[str], search_paths: 
         "corpus": report.corpus_description(settings["MIXTURE_OR_TASK_NAME"]),
         "runs": results,
     }
-    _write_json(os.path.join(output, "results.json"), summary)
+    _write_json(file_io.join(output, "results.json"), summary)
     paths = report.write_report(summary, output)
     for path in paths:
         print(f"[compare] wrote {path}", flush=True)

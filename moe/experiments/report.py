@@ -1,7 +1,8 @@
 """A router comparison's report (`report.md`) and figure (`comparison.png`) from its results.
 
 Both are written from `results.json` alone, so they can be redrawn without training:
-`python -m moe.experiments.report DIR`.
+`python -m moe.experiments.report DIR`. Files go through `moe.file_io` (DIR may be a `gs://`
+URL).
 """
 
 import sys
@@ -13,6 +14,7 @@ if __name__ == "__main__":
 
     sys.exit(main())
 
+import io
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -24,6 +26,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from moe import file_io
 from moe.experiments import claims as claims_lib
 from moe.experiments.run_results import HISTOGRAM_BUCKETS
 
@@ -125,8 +128,10 @@ def write_figure(results: Mapping[str, Any], path: str) -> str:
     histogram.set_title("Experts per token (routers that send whole tokens)")
     histogram.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()  # matplotlib writes local files only
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    file_io.write_atomically(path, png.getvalue())
     return path
 
 
@@ -302,8 +307,7 @@ def write_markdown(results: Mapping[str, Any], path: str, figure: str) -> str:
         *corpus_lines(results.get("corpus")),
         "",
     ]
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
+    file_io.write_atomically(path, "\n".join(lines))
     return path
 
 
@@ -312,18 +316,17 @@ def _fingerprints(results: Mapping[str, Any]) -> set[str]:
 
 
 def write_report(results: Mapping[str, Any], output: str) -> list[str]:
-    figure = write_figure(results, os.path.join(output, "comparison.png"))
-    return [write_markdown(results, os.path.join(output, "report.md"), figure), figure]
+    figure = write_figure(results, file_io.join(output, "comparison.png"))
+    return [write_markdown(results, file_io.join(output, "report.md"), figure), figure]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1 or not os.path.exists(os.path.join(argv[0], "results.json")):
+    if len(argv) != 1 or not file_io.exists(file_io.join(argv[0], "results.json")):
         print("usage: python -m moe.experiments.report DIR (a comparison's --output, holding "
               "results.json)", file=sys.stderr)
         return 2
-    with open(os.path.join(argv[0], "results.json")) as f:
-        results = json.load(f)
+    results = json.loads(file_io.read_text(file_io.join(argv[0], "results.json")))
     for path in write_report(results, argv[0]):
         print(f"wrote {path}")
     return 0

@@ -10,14 +10,13 @@ their training capacity there).
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
-from moe import data
+from moe import data, file_io
 from moe.models.param_count import count_parameters
 from moe.plots import read_metrics
 
@@ -40,9 +39,9 @@ def training_curves(model_dir: str, task: str) -> dict[str, Any]:
     of a run (or of a resumed run) includes compilation and has no rate: it is left out of the
     timing, and its step gets the run's median step time in `train_seconds`.
     """
-    train_rows = read_metrics(os.path.join(model_dir, "train", "metrics.jsonl"))
-    eval_path = os.path.join(model_dir, "training_eval", task, "metrics.jsonl")
-    eval_rows = read_metrics(eval_path) if os.path.exists(eval_path) else []
+    train_rows = read_metrics(file_io.join(model_dir, "train", "metrics.jsonl"))
+    eval_path = file_io.join(model_dir, "training_eval", task, "metrics.jsonl")
+    eval_rows = read_metrics(eval_path) if file_io.exists(eval_path) else []
     steps, losses, rates, drops = [], [], [], []
     for row in train_rows:
         steps.append(int(row["step"]))

@@ -32,6 +32,7 @@ from typing import Any
 
 from gin import config_parser
 
+from moe import file_io
 from moe.errors import ConfigurationError
 from moe.interop.model_gin import Comment, GinReference, ModelGin
 
@@ -79,7 +80,7 @@ def _resolve_include(name: str, including_file: str, search_paths: Sequence[str]
     """An include's path: as given, under a search path, or under the including file's folder
     or one of its ancestors (where T5X's relative includes usually start)."""
     candidates = [name] if os.path.isabs(name) else [os.path.join(d, name) for d in search_paths]
-    folder = os.path.dirname(os.path.abspath(including_file))
+    folder = os.path.dirname(file_io.absolute(including_file))
     while True:
         candidates.append(os.path.join(folder, name))
         parent = os.path.dirname(folder)
@@ -87,7 +88,7 @@ def _resolve_include(name: str, including_file: str, search_paths: Sequence[str]
             break
         folder = parent
     for path in candidates:
-        if os.path.isfile(path):
+        if file_io.isfile(path):
             return path
     raise T5xGinError(
         f"{including_file} includes {name!r}, which is in none of {search_paths or '[]'} nor "
@@ -112,7 +113,7 @@ class T5xGin:
     def _read_file(self, path: str, search_paths: list[str]) -> None:
         self.files.append(path)
         try:
-            with open(path) as f:
+            with file_io.open_file(path) as f:
                 statements = list(config_parser.ConfigParser(f, _Delegate()))
         except (OSError, SyntaxError) as e:
             raise T5xGinError(f"Cannot read the T5X gin file {path}: {e}") from e
@@ -190,7 +191,7 @@ def is_t5x_gin(path: str, search_paths: Sequence[str] = (), _depth: int = 0) -> 
     """Whether a gin file is written for T5X/flaxformer rather than for us: it (or a file it
     includes) imports their modules, includes their gins, or configures their classes."""
     try:
-        with open(path) as f:
+        with file_io.open_file(path) as f:
             statements = list(config_parser.ConfigParser(f, _Delegate()))
     except Exception:  # unreadable or malformed: gin itself reports it when parsing as ours
         return False
