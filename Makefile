@@ -1,5 +1,6 @@
 # The two commands of the README. Each builds its own virtualenv (.venv) from PyPI with the
-# pinned versions of requirements.lock, then runs.
+# pinned versions of requirements.lock, then runs. The `tpu` extra (libtpu, ~700 MB) is
+# installed so that the TPU compilation tests (tests/tpu) and `moe.plan` run on any machine.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,7 +11,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): setup.py requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c requirements.lock -e '.[test]'
+	$(PY) -m pip install -q -c requirements.lock -e '.[test,tpu]'
 	touch $(STAMP)
 
 setup: $(STAMP)

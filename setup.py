@@ -48,5 +48,10 @@ setup(
     package_data={folder: ["*.gin"] for folder in GIN_FOLDERS},
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "ruff==0.17.6"]},
+    extras_require={
+        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "ruff==0.17.6"],
+        # Compiling for TPU slices ahead of time on any machine (`moe.plan`, tests/tpu), and
+        # running on a TPU VM: libtpu at the version the pinned JAX expects.
+        "tpu": ["jax[tpu]==0.10.2", "libtpu==0.0.42.1"],
+    },
 )

@@ -14,3 +14,14 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import gin  # after the environment above (nothing here may import JAX first)
+import pytest
+
+
+@pytest.fixture
+def clean_gin():
+    """Start and end with an empty gin configuration (for tests that parse gin files)."""
+    gin.clear_config()
+    yield
+    gin.clear_config()

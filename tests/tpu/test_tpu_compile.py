@@ -24,15 +24,6 @@ pytestmark = [requires_libtpu, pytest.mark.usefixtures("clean_gin")]
 D_MODEL, D_FF, NUM_EXPERTS = 32, 64, 8  # tokens_choose_tiny
 
 
-@pytest.fixture
-def clean_gin():
-    import gin
-
-    gin.clear_config()
-    yield
-    gin.clear_config()
-
-
 def _tiny_trainer(slice_name: str, expert_partitions: int, model_partitions: int):
     # GROUP_SIZE 32: 64 encoder and 16 decoder groups, multiples of the 16 batch shards, so
     # groups split evenly and nothing but the expert buffers has to move.
