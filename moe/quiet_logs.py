@@ -19,12 +19,20 @@ What is silenced, and why none of it is actionable here:
   (seqio's notices are filtered where seqio is called: `seqio_tasks.sources`,
   `moe.evaluation`.)
 
+- libtpu's start-up errors on a machine without a TPU ("could not determine TPU accelerator
+  type", "unexpected worker hostname"): the `tpu` extra installs libtpu so that programs can
+  be compiled for TPU slices ahead of time (`moe.plan`), and JAX then tries to open a TPU at
+  start-up. Where no TPU device exists (no /dev/accel* or /dev/vfio/*) and no GPU plugin is
+  installed, `JAX_PLATFORMS` defaults to `cpu`; compiling for a slice still works.
+
 Settings the user made win: an environment variable already set is left alone, and
 `TF_CPP_MIN_LOG_LEVEL=0` shows everything TensorFlow prints. `TF_ENABLE_ONEDNN_OPTS` is not
 set: turning oneDNN off to drop its notice would change TensorFlow's CPU kernels.
 """
 
 import contextlib
+import glob
+import importlib.util
 import logging
 import os
 import re
@@ -54,6 +62,23 @@ def apply_environment_defaults() -> None:
     """Set `ENVIRONMENT_DEFAULTS` where the user has not set the variable."""
     for name, value in ENVIRONMENT_DEFAULTS.items():
         os.environ.setdefault(name, value)
+
+
+def _no_tpu_here() -> bool:
+    """libtpu is installed, but this machine has no TPU and JAX has no GPU plugin."""
+    if importlib.util.find_spec("libtpu") is None:
+        return False
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+        return False
+    gpu_plugins = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
+                   "jax_rocm7_plugin")
+    return all(importlib.util.find_spec(name) is None for name in gpu_plugins)
+
+
+def keep_jax_off_absent_tpu() -> None:
+    """JAX_PLATFORMS=cpu where libtpu is installed without a TPU (see the module doc)."""
+    if "JAX_PLATFORMS" not in os.environ and _no_tpu_here():
+        os.environ["JAX_PLATFORMS"] = "cpu"
 
 
 def filter_python_noise() -> None:
@@ -100,6 +125,7 @@ def load_tensorflow_quietly() -> None:
 def quiet_start_up() -> None:
     """Everything above; `TF_CPP_MIN_LOG_LEVEL=0` keeps TensorFlow's lines."""
     apply_environment_defaults()
+    keep_jax_off_absent_tpu()
     filter_python_noise()
     if os.environ.get("TF_CPP_MIN_LOG_LEVEL") != "0" and "tensorflow" not in sys.modules:
         load_tensorflow_quietly()
@@ -114,6 +140,7 @@ __all__ = [
     "DropNoise",
     "apply_environment_defaults",
     "filter_python_noise",
+    "keep_jax_off_absent_tpu",
     "load_tensorflow_quietly",
     "native_stderr_without",
     "quiet_start_up",

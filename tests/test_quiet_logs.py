@@ -12,7 +12,8 @@ from moe import quiet_logs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOISE = ("oneDNN custom operations", "Could not find cuda drivers", "cuInit",
-         "absl::InitializeLog", "Metadata file does not exist", "cpu_feature_guard")
+         "absl::InitializeLog", "Metadata file does not exist", "cpu_feature_guard",
+         "TPU accelerator type", "TPU worker hostnames", "libtpu")
 
 
 def _user_env():
@@ -69,6 +70,22 @@ def test_importing_it_first_silences_tensorflow_start_up():
     assert result.returncode == 0, result.stderr
     assert not [line for line in result.stderr.splitlines() if any(n in line for n in NOISE)]
     assert "a warning that matters" in result.stderr
+
+
+@pytest.mark.skipif(not quiet_logs._no_tpu_here(),
+                    reason="needs libtpu installed on a machine without a TPU or GPU plugin")
+def test_installed_libtpu_without_a_tpu_stays_silent():
+    code = "import jax\nprint(jax.devices()[0].platform)\n"
+    # Control: with libtpu installed and no TPU, JAX's start-up prints libtpu's errors.
+    plain = _python(code, _user_env())
+    assert "TPU" in plain.stderr, plain.stderr
+    quiet = _python("import moe.quiet_logs\n" + code, _user_env())
+    assert quiet.returncode == 0 and quiet.stdout.strip() == "cpu", quiet.stderr
+    assert not [line for line in quiet.stderr.splitlines() if any(n in line for n in NOISE)]
+    # A user's own choice of platforms is left alone.
+    chosen = _python("import moe.quiet_logs, os\nprint(os.environ['JAX_PLATFORMS'])\n",
+                     {**_user_env(), "JAX_PLATFORMS": "cpu,tpu"})
+    assert chosen.stdout.strip() == "cpu,tpu"
 
 
 @pytest.mark.slow

@@ -27,6 +27,8 @@ default matmuls round float32 (TF32 on GPU), and how fast each router x dispatch
 Exit status 0 when every correctness check passes (skipped ones aside), 1 otherwise.
 """
 
+import moe.quiet_logs  # noqa: F401, I001 - first: no libtpu start-up errors without a TPU
+
 import argparse
 import contextlib
 import importlib

@@ -10,6 +10,8 @@ cf 1.0, group size 512, E in {8, 32, 128}. Prints a table (median step time over
 timed steps after warm-up, tokens/s, ratio to dense, compile time) and writes JSON.
 """
 
+import moe.quiet_logs  # noqa: F401, I001 - first: no libtpu start-up errors without a TPU
+
 import argparse
 import json
 import os
