@@ -3,28 +3,32 @@
 `grouped_matmul(x [M, k], w [E, k, n], group_sizes [E]) -> [M, n]`: rows
 `sum(group_sizes[:e]) ... sum(group_sizes[:e+1])` of x use `w[e]`; rows past `sum(group_sizes)`
 come out as zeros. This is the dropless expert computation, and the one place that picks how
-it runs on each backend, because the backends' lowerings of `jax.lax.ragged_dot` differ:
+it runs on each backend, because XLA's `jax.lax.ragged_dot` is not grouped everywhere:
 
-- TPU: XLA's `ragged_dot` forward is grouped, but its weight gradient is dense over the
-  groups (the TPU cost analysis of fwd+bwd at E=16 counts 6x the grouped FLOPs). The megablox
-  grouped matmul that ships with JAX (`jax.experimental.pallas.ops.tpu.megablox`, the kernel
-  MaxText uses) computes forward and both gradients grouped, so TPU uses it.
+- TPU: its forward is grouped, but its weight gradient is dense over the groups (the TPU cost
+  analysis of fwd+bwd at E=16 counts 6x the grouped FLOPs). The megablox grouped matmul that
+  ships with JAX (`jax.experimental.pallas.ops.tpu.megablox`, the kernel MaxText uses)
+  computes forward and both gradients grouped: 'megablox'.
+- CPU: `ragged_dot` lowers to a computation dense over the groups (measured: 9x slower than
+  'blocked' at E=8 for fwd+bwd, E=128 did not finish in minutes). 'blocked' is plain JAX: a
+  loop over row blocks of one group each, every block one small matmul with its group's
+  matrix, with a custom VJP whose weight gradient updates one group's slice in place; its
+  FLOPs are the grouped ones plus at most one partial block per group.
 - GPU: XLA:GPU lowers `ragged_dot` to a dense [E, M, n] computation (measured with jax 0.11:
-  0.13x a dense FFN at E=8, out of memory at E=64). No grouped kernel for this JAX version is
-  available here, so it still runs `ragged_dot` and says once, with the size of what it
-  materializes; `dispatch='index'` is the fast choice on GPU.
-- CPU: `ragged_dot` is grouped.
+  0.13x a dense FFN at E=8, out of memory at E=64), so GPU runs 'blocked' too, which never
+  holds more than one block per matrix. Not yet timed on a GPU: `moe.benchmarks.gpu_check`
+  compares it there with a dense FFN and torch's grouped_mm.
 
 The backend is chosen when the program is lowered (`jax.lax.platform_dependent`), so a program
 compiled ahead of time for a TPU slice on a CPU machine gets the TPU kernel.
 """
 
-import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from absl import logging
+from jax import lax
 
 # megablox tiles: rows per tile (the token dimension, padded to a multiple), and the largest
 # contraction/output tile; smaller dimensions use their full size as the tile.
@@ -63,22 +67,113 @@ def megablox_grouped_matmul(
     return jnp.where(computed, out, jnp.zeros((), out.dtype))[:rows]
 
 
-@functools.cache
-def _say_dense_on_gpu(num_groups: int, rows: int, n: int, itemsize: int) -> None:
-    """Warn once per shape that XLA:GPU materializes [E, M, n] for `ragged_dot`."""
-    gib = num_groups * rows * n * itemsize / 2**30
-    logging.warning(
-        "dispatch='dropless' on GPU: XLA lowers jax.lax.ragged_dot to a dense computation "
-        "over all %d experts ([E, M, n] = [%d, %d, %d], %.2f GiB per expert matmul, E times "
-        "the FLOPs of a grouped matmul). Use dispatch='index' for speed on GPU.",
-        num_groups, num_groups, rows, n, gib,
-    )
+# --- 'blocked': plain JAX, grouped on every backend ---------------------------------------
 
 
-def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """x [M, k] rows sorted by group, w [E, k, n], group_sizes [E] int32 -> [M, n]."""
-    if jax.default_backend() == "gpu":
-        _say_dense_on_gpu(w.shape[0], x.shape[0], w.shape[-1], jnp.dtype(x.dtype).itemsize)
-    return jax.lax.platform_dependent(
-        x, w, group_sizes, tpu=megablox_grouped_matmul, default=_ragged_dot
-    )
+def _block_rows(rows: int, groups: int) -> int:
+    """Rows per block: about a group's share of the rows (a power of two in [8, 256]), so that
+    the partial last block of each group wastes little and a balanced group is one block."""
+    share = max(1, rows // groups)
+    return int(min(256, max(8, 2 ** math.floor(math.log2(share)))))
+
+
+def _blocks(group_sizes: jax.Array, rows: int, block: int):
+    """Block i covers rows start[i] ... start[i] + valid[i] of group group[i]; blocks past the
+    last have valid 0. There are at most ceil(rows / block) + groups of them."""
+    groups = group_sizes.shape[0]
+    num_blocks = -(-rows // block) + groups
+    per_group = (group_sizes + block - 1) // block
+    ends = jnp.cumsum(per_group)
+    index = jnp.arange(num_blocks)
+    group = jnp.searchsorted(ends, index, side="right")
+    clipped = jnp.minimum(group, groups - 1)
+    within = index - (ends - per_group)[clipped]
+    start = (jnp.cumsum(group_sizes) - group_sizes)[clipped] + within * block
+    valid = jnp.where(group < groups,
+                      jnp.clip(group_sizes[clipped] - within * block, 0, block), 0)
+    return num_blocks, clipped, start, valid
+
+
+def _per_block(lhs: jax.Array, block_fn: Callable[[jax.Array, jax.Array], jax.Array],
+               out_cols: int, group_sizes: jax.Array) -> jax.Array:
+    """out[rows of block i] = block_fn(lhs[rows of block i], group of block i), block by block
+    (rows past the block's valid ones keep what is there: zeros or the next group's)."""
+    rows = lhs.shape[0]
+    block = _block_rows(rows, group_sizes.shape[0])
+    num_blocks, group, start, valid = _blocks(group_sizes, rows, block)
+    padded = jnp.pad(lhs, ((0, block), (0, 0)))
+    out = jnp.zeros((rows + block, out_cols), lhs.dtype)
+
+    def body(i, out):
+        def compute(out):
+            result = block_fn(lax.dynamic_slice_in_dim(padded, start[i], block), group[i])
+            keep = (jnp.arange(block) < valid[i])[:, None]
+            old = lax.dynamic_slice_in_dim(out, start[i], block)
+            new = jnp.where(keep, result.astype(out.dtype), old)
+            return lax.dynamic_update_slice_in_dim(out, new, start[i], 0)
+
+        return lax.cond(valid[i] > 0, compute, lambda out: out, out)
+
+    return lax.fori_loop(0, num_blocks, body, out)[:rows]
+
+
+@jax.custom_vjp
+def blocked_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """The 'blocked' form (see the module doc): x [M, k], w [E, k, n] -> [M, n]."""
+    return _per_block(x, lambda rows, g: rows @ w[g], w.shape[2], group_sizes)
+
+
+def _blocked_fwd(x, w, group_sizes):
+    return blocked_grouped_matmul(x, w, group_sizes), (x, w, group_sizes)
+
+
+def _blocked_bwd(residuals, grad):
+    x, w, group_sizes = residuals
+    dx = _per_block(grad, lambda rows, g: rows @ w[g].T, w.shape[1], group_sizes)
+    rows = x.shape[0]
+    block = _block_rows(rows, w.shape[0])
+    num_blocks, group, start, valid = _blocks(group_sizes, rows, block)
+    x_padded = jnp.pad(x, ((0, block), (0, 0)))
+    grad_padded = jnp.pad(grad, ((0, block), (0, 0)))
+
+    def body(i, dw):
+        def accumulate(dw):
+            keep = (jnp.arange(block) < valid[i])[:, None]
+            x_rows = jnp.where(keep, lax.dynamic_slice_in_dim(x_padded, start[i], block), 0)
+            g_rows = lax.dynamic_slice_in_dim(grad_padded, start[i], block)
+            update = jnp.einsum("bk,bn->kn", x_rows, g_rows,
+                                preferred_element_type=jnp.float32)
+            current = lax.dynamic_index_in_dim(dw, group[i], keepdims=False)
+            return lax.dynamic_update_index_in_dim(dw, current + update, group[i], 0)
+
+        return lax.cond(valid[i] > 0, accumulate, lambda dw: dw, dw)
+
+    dw = lax.fori_loop(0, num_blocks, body, jnp.zeros(w.shape, jnp.float32))
+    return dx, dw.astype(w.dtype), None
+
+
+blocked_grouped_matmul.defvjp(_blocked_fwd, _blocked_bwd)
+
+
+IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
+    "blocked": blocked_grouped_matmul,
+    "megablox": megablox_grouped_matmul,
+    "ragged_dot": _ragged_dot,
+}
+
+
+def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
+                   implementation: str = "auto") -> jax.Array:
+    """x [M, k] rows sorted by group, w [E, k, n], group_sizes [E] int32 -> [M, n].
+
+    `implementation`: 'auto' (megablox on TPU, blocked elsewhere) or one of IMPLEMENTATIONS
+    (benchmarks compare them).
+    """
+    group_sizes = group_sizes.astype(jnp.int32)
+    if implementation == "auto":
+        return lax.platform_dependent(x, w, group_sizes, tpu=megablox_grouped_matmul,
+                                      default=blocked_grouped_matmul)
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"Unknown grouped matmul {implementation!r}; choose 'auto' or one of "
+                         f"{sorted(IMPLEMENTATIONS)}.")
+    return IMPLEMENTATIONS[implementation](x, w, group_sizes)

@@ -1,17 +1,35 @@
-"""The grouped matmul's TPU form (megablox, run here in interpret mode) computes what
-`jax.lax.ragged_dot` computes, forward and gradients, including empty groups and rows past
-the last group (zeros, with zero gradient: never NaN from memory the kernel did not write)."""
+"""Every grouped matmul form computes what `jax.lax.ragged_dot` computes, forward and
+gradients, with empty groups, one-row groups, groups longer than a block, and rows past the
+last group (zeros, with zero gradient: never NaN from memory a kernel did not write). The TPU
+form (megablox) runs here in interpret mode."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe.grouped_matmul import grouped_matmul, megablox_grouped_matmul
+from moe.grouped_matmul import (
+    _block_rows,
+    blocked_grouped_matmul,
+    grouped_matmul,
+    megablox_grouped_matmul,
+)
+
+FORMS = {
+    "blocked": blocked_grouped_matmul,
+    "megablox": functools.partial(megablox_grouped_matmul, interpret=True),
+    "auto": grouped_matmul,
+}
+SIZES = [(10, 0, 30, 25, 20), (0, 0, 85, 0, 0), (40, 30, 30, 0, 0), (1, 1, 1, 1, 1),
+         (0, 0, 0, 0, 0)]
 
 
-@pytest.mark.parametrize("sizes", [(10, 0, 30, 25, 20), (0, 0, 85, 0, 0), (40, 30, 30, 0, 0)])
-def test_megablox_equals_ragged_dot(sizes):
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("sizes", SIZES)
+def test_equals_ragged_dot(form, sizes):
+    fn = FORMS[form]
     rng = np.random.default_rng(0)
     rows, k, n = 100, 64, 96
     x = jnp.asarray(rng.normal(size=(rows, k)), jnp.float32)
@@ -19,19 +37,36 @@ def test_megablox_equals_ragged_dot(sizes):
     group_sizes = jnp.asarray(sizes, jnp.int32)
     used = sum(sizes)
 
-    def megablox(x, w, s):
-        return megablox_grouped_matmul(x, w, s, interpret=True)
-
-    ours, reference = megablox(x, w, group_sizes), grouped_matmul(x, w, group_sizes)
+    ours = jax.jit(fn)(x, w, group_sizes)
+    reference = jax.lax.ragged_dot(x, w, group_sizes)
     np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-4)
     assert not np.any(np.asarray(ours[used:]))
 
-    def loss(fn):
-        return lambda x, w: jnp.sum(jnp.sin(fn(x, w, group_sizes)))
+    def loss(f):
+        return lambda x, w: jnp.sum(jnp.sin(f(x, w, group_sizes)))
 
-    grads = jax.grad(loss(megablox), argnums=(0, 1))(x, w)
-    reference_grads = jax.grad(loss(grouped_matmul), argnums=(0, 1))(x, w)
+    grads = jax.jit(jax.grad(loss(fn), argnums=(0, 1)))(x, w)
+    reference_grads = jax.grad(loss(jax.lax.ragged_dot), argnums=(0, 1))(x, w)
     for ours_g, ref_g in zip(grads, reference_grads):
         assert np.all(np.isfinite(ours_g))
         np.testing.assert_allclose(ours_g, ref_g, rtol=1e-4, atol=1e-4)
     assert not np.any(np.asarray(grads[0][used:]))
+
+
+def test_blocked_bfloat16_accumulates_weight_gradients_in_float32():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(512, 32)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(2, 32, 16)), jnp.bfloat16)
+    sizes = jnp.asarray([500, 12], jnp.int32)  # one group of many blocks
+    assert _block_rows(512, 2) < 500
+    dw = jax.grad(lambda w: jnp.sum(blocked_grouped_matmul(x, w, sizes).astype(jnp.float32)))(w)
+    reference = jax.grad(lambda w: jnp.sum(jax.lax.ragged_dot(
+        x.astype(jnp.float32), w.astype(jnp.float32), sizes)))(w)
+    assert dw.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(dw, np.float32), reference, rtol=1e-2)
+
+
+def test_unknown_implementation_names_the_choices():
+    x, w = jnp.zeros((4, 2)), jnp.zeros((2, 2, 3))
+    with pytest.raises(ValueError, match="'auto' or one of"):
+        grouped_matmul(x, w, jnp.asarray([2, 2]), implementation="dense")
