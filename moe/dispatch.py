@@ -3,7 +3,8 @@
 - mask: one-hot dispatch tensor and einsums, [G, E, C, T] (TPU style, O(G*T*E*C*d) work);
 - index: gather by slot index and scatter-add back, O(G*E*C*d) data movement;
 - dropless: no buffers: sort the token choices by expert and run `jax.lax.ragged_dot`
-  (token choice only; no capacity, so nothing is dropped).
+  (token choice only; no capacity, so nothing is dropped). Under a mesh with an 'expert' axis
+  `moe.expert_parallel` runs the same code per device, the rows moved by an all-to-all.
 
 The capacity forms read the same `RoutingPlan` slots, so they route identically; dropless
 reads the token-major choices of the same plan. Combining runs in float32 whatever the expert
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from moe.errors import ConfigurationError
-from moe.routing.plan import RoutingPlan
+from moe.routing.plan import RoutingPlan, TokenChoices
 
 
 def _dispatch_mask(plan: RoutingPlan, dtype: jnp.dtype) -> jax.Array:
@@ -88,6 +89,17 @@ BUFFERED_DISPATCH: dict[str, tuple[Callable, Callable]] = {
 }
 
 
+def plan_choices(plan: RoutingPlan) -> TokenChoices:
+    """The plan's token-major choices, or a ConfigurationError for plans without them."""
+    if plan.choices is None:
+        raise ConfigurationError(
+            "dispatch='dropless' needs a router whose tokens choose their experts (token "
+            "choice); this plan gives each expert a fixed number of tokens. Use dispatch='index' "
+            "or 'mask'."
+        )
+    return plan.choices
+
+
 def dropless_moe(
     x: jax.Array,
     plan: RoutingPlan,
@@ -100,15 +112,21 @@ def dropless_moe(
     are weighted and summed back per token. Unselected choices (padding, or dropped by the
     second-expert policy) are sorted past the last group and never computed.
     """
-    if plan.choices is None:
-        raise ConfigurationError(
-            "dispatch='dropless' needs a router whose tokens choose their experts (token "
-            "choice); this plan gives each expert a fixed number of tokens. Use dispatch='index' "
-            "or 'mask'."
-        )
+    return dropless_choices(x, plan_choices(plan), plan.probs.shape[-1], run_experts)
+
+
+def dropless_choices(
+    x: jax.Array,
+    choices: TokenChoices,
+    num_experts: int,
+    run_experts: Callable[[jax.Array, jax.Array], jax.Array],
+) -> jax.Array:
+    """`dropless_moe` on the choices alone: sort by expert, `run_experts`, weight and sum.
+
+    Split out so that the expert-parallel form (`moe.expert_parallel`) runs this same code on
+    each device's groups, with a `run_experts` that sends the sorted rows to the experts' devices.
+    """
     num_groups, num_tokens, d_model = x.shape
-    num_experts = plan.probs.shape[-1]
-    choices = plan.choices
     k = choices.experts.shape[-1]
     expert_of = jnp.where(choices.selected, choices.experts, num_experts).reshape(-1)  # [G*T*k]
     token_of = jnp.repeat(jnp.arange(num_groups * num_tokens), k)

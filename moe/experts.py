@@ -4,9 +4,14 @@ Parameter names (`wi` or `wi_0`/`wi_1`, `wo`) and the activation table are those
 MLP, so that sparse upcycling can copy a dense MLP into every expert.
 """
 
+from __future__ import annotations
+
+from collections.abc import Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from moe.activations import apply_activation, is_gated
 from moe.grouped_matmul import grouped_matmul
@@ -17,6 +22,43 @@ def expert_kernel_init(scale: float = 1.0) -> nn.initializers.Initializer:
     return nn.initializers.variance_scaling(
         scale, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,)
     )
+
+
+@struct.dataclass
+class RaggedMlp:
+    """The experts' ragged (dropless) form as a pure function of its kernels.
+
+    A pytree rather than the module because the expert-parallel dropless dispatch runs the
+    experts inside `jax.shard_map`, where Flax can neither create nor look up variables: the
+    kernels (already in the experts' dtype) and the dropout key enter it as ordinary arguments,
+    the kernels split over the 'expert' axis. The one-device dispatch calls the same object.
+    """
+
+    input_kernels: tuple[jax.Array, ...]  # [E, d_model, d_ff] each: wi, or wi_0 and wi_1
+    output_kernel: jax.Array  # [E, d_ff, d_model]
+    dropout_rng: jax.Array | None  # None: no expert dropout (rate 0, or deterministic)
+    activation: str = struct.field(pytree_node=False)
+    dropout_rate: float = struct.field(pytree_node=False, default=0.0)
+
+    def __call__(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
+        """x [M, d_model] sorted by expert, group_sizes [E] -> [M, d_model] (rows past
+        sum(group_sizes) are zeros)."""
+        x = x.astype(self.output_kernel.dtype)
+        hidden = [grouped_matmul(x, w, group_sizes) for w in self.input_kernels]
+        hidden = apply_activation(self.activation, hidden)
+        if self.dropout_rng is not None:
+            # The module's dropout, applied unbound: a pure function of the key.
+            hidden = nn.Dropout(self.dropout_rate).apply(
+                {}, hidden, deterministic=False, rng=self.dropout_rng
+            )
+        return grouped_matmul(hidden, self.output_kernel, group_sizes)
+
+    def fold_in(self, data: jax.Array) -> RaggedMlp:
+        """The same experts with the dropout key folded with `data` (a device's index: each
+        device draws its own masks for the rows it computes)."""
+        if self.dropout_rng is None:
+            return self
+        return self.replace(dropout_rng=jax.random.fold_in(self.dropout_rng, data))
 
 
 class MlpExperts(nn.Module):
@@ -52,24 +94,33 @@ class MlpExperts(nn.Module):
         group_sizes: jax.Array | None = None,
         *,
         deterministic: bool = True,
+        dropless: Callable[[jax.Array, RaggedMlp], jax.Array] | None = None,
     ) -> jax.Array:
         """Run every expert on its own tokens.
 
         Buffered form (capacity dispatch): x [E, G, C, d_model] -> [E, G, C, d_model].
         Ragged form (dropless): x [M, d_model] sorted by expert with `group_sizes` [E] ->
         [M, d_model]; rows past sum(group_sizes) come out as zeros.
+        Dispatch form: `dropless(x, mlp)` with the ragged form as a pure `RaggedMlp`, so the
+        caller's dispatch can run it where Flax cannot go (inside `jax.shard_map`).
         """
         d_model = x.shape[-1]
         x = x.astype(self.dtype)
-        if group_sizes is None:
-            matmul = lambda a, w: jnp.einsum("egcd,edf->egcf", a, w)
-        else:
-            matmul = lambda a, w: grouped_matmul(a, w, group_sizes)
+        if group_sizes is not None or dropless is not None:
+            dropping = self.dropout_rate > 0 and not deterministic
+            mlp = RaggedMlp(
+                tuple(self.input_kernels(d_model)),
+                self.output_kernel(d_model),
+                self.make_rng("dropout") if dropping else None,
+                activation=self.activation,
+                dropout_rate=self.dropout_rate,
+            )
+            return mlp(x, group_sizes) if dropless is None else dropless(x, mlp)
+        matmul = lambda a, w: jnp.einsum("egcd,edf->egcf", a, w)
         hidden = [matmul(x, w) for w in self.input_kernels(d_model)]
         hidden = apply_activation(self.activation, hidden)
-        if group_sizes is None:
-            hidden = nn.with_logical_constraint(
-                hidden, ("expert", "expert_group", "expert_capacity", "mlp")
-            )
+        hidden = nn.with_logical_constraint(
+            hidden, ("expert", "expert_group", "expert_capacity", "mlp")
+        )
         hidden = nn.Dropout(self.dropout_rate, name="dropout")(hidden, deterministic=deterministic)
         return matmul(hidden, self.output_kernel(d_model))

@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from moe.dispatch import BUFFERED_DISPATCH, dropless_moe
+from moe import expert_parallel
+from moe.dispatch import BUFFERED_DISPATCH
 from moe.errors import ConfigurationError
 from moe.experts import MlpExperts
 from moe.routing import RouterSpec, TokenChoice
@@ -107,7 +108,8 @@ class MoeLayer(nn.Module):
       router: a router spec (`moe.routing.RouterSpec`: `TokenChoice`, `ExpertChoice`, ...).
       activation: 'relu', 'gelu', 'gated-gelu', ... (see `moe.activations`).
       dispatch: 'index' (gather/scatter), 'mask' (einsum, TPU style) or 'dropless'
-        (token choice, `ragged_dot`, no capacity).
+        (token choice, `ragged_dot`, no capacity; expert-parallel by all-to-all under a mesh
+        with an 'expert' axis, see `moe.expert_parallel`).
       max_group_size: tokens per routing group at most; capacity is per group.
       num_expert_partitions: size of the mesh's 'expert' axis the layer is laid out for; the
         number of groups is a multiple of it, and E must be divisible by it.
@@ -249,8 +251,9 @@ class MoeLayer(nn.Module):
         )
         grouped = grouped.astype(self.dtype)
         if dropless:
-            run = lambda xs, sizes: experts(xs, sizes, deterministic=deterministic)
-            out = dropless_moe(grouped, plan, run)
+            # Expert-parallel (shard_map + all-to-all) under a mesh with an 'expert' axis.
+            out = experts(grouped, deterministic=deterministic,
+                          dropless=lambda xs, mlp: expert_parallel.dropless(xs, plan, mlp))
         else:
             dispatch, combine = BUFFERED_DISPATCH[self.dispatch]
             expert_in = dispatch(grouped, plan)  # [G, E, C, d]
