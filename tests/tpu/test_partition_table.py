@@ -9,8 +9,6 @@ import math
 import pathlib
 import re
 
-import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import pytest
 
@@ -18,7 +16,7 @@ from moe import hlo_collectives, tpu_topology
 from moe.moe_layer import MoeLayer
 from moe.partitioning import Partitioner
 from moe.routing import TokenChoice
-from tests.tpu.conftest import requires_libtpu
+from tests.tpu.conftest import compile_layer_grad, requires_libtpu
 
 pytestmark = requires_libtpu
 
@@ -55,21 +53,7 @@ def _compile_moe_layer(row: dict, partitioner: Partitioner):
                      router=TokenChoice(num_selected_experts=2), max_group_size=LENGTH,
                      num_expert_partitions=partitioner.num_expert_partitions,
                      dtype=jnp.bfloat16)
-    x_shape = (row["batch_multiple"], LENGTH, D_MODEL)
-    x_abstract = jax.ShapeDtypeStruct(x_shape, jnp.bfloat16)
-    key = jax.random.key(0)  # outside the mesh: the slice's devices cannot run anything
-    with partitioner.context():
-        boxed = jax.eval_shape(layer.init, key, x_abstract)
-    shardings = partitioner.get_shardings(boxed)
-    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          nn.meta.unbox(boxed), shardings)
-    x = jax.ShapeDtypeStruct(x_shape, jnp.bfloat16, sharding=partitioner.batch_sharding)
-
-    def loss(p, x):
-        return jnp.sum(layer.apply(p, x).astype(jnp.float32) ** 2)
-
-    with partitioner.context():
-        return params, jax.jit(jax.grad(loss)).lower(params, x).compile()
+    return compile_layer_grad(layer, (row["batch_multiple"], LENGTH, D_MODEL), partitioner)
 
 
 def _row_id(row: dict) -> str:

@@ -9,15 +9,14 @@ import re
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from moe import gin_cli, hlo_collectives, plan, tpu_topology
 from moe.grouped_matmul import grouped_matmul
 from moe.moe_layer import MoeLayer
+from moe.partitioning import Partitioner
 from moe.routing import TokenChoice
-from tests.tpu.conftest import requires_libtpu
+from tests.tpu.conftest import compile_layer_grad, requires_libtpu
 
 pytestmark = [requires_libtpu, pytest.mark.usefixtures("clean_gin")]
 
@@ -79,24 +78,12 @@ def test_expert_weight_gathers_are_recognized():
     assert [op.shapes for op in _expert_weight_gathers(ops)] == [(("f32", (8, 32, 64)),)]
 
 
-def _one_chip_mesh() -> Mesh:
-    devices = tpu_topology.slice_devices("v4-8")
-    return Mesh(np.asarray(devices[:1]).reshape(1, 1, 1), ("data", "expert", "model"))
+def _one_chip() -> Partitioner:
+    return Partitioner(devices=tpu_topology.slice_devices("v4-8")[:1])
 
 
 def _compile_layer_grad(layer: MoeLayer, x_shape, dtype=jnp.float32):
-    mesh = _one_chip_mesh()
-    replicated = NamedSharding(mesh, PartitionSpec())
-    x = jax.ShapeDtypeStruct(x_shape, dtype, sharding=replicated)
-    params = jax.eval_shape(layer.init, jax.random.key(0), jnp.zeros(x_shape, dtype))
-    params = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), params)
-
-    def loss(p, x):
-        return jnp.sum(layer.apply(p, x).astype(jnp.float32) ** 2)
-
-    with jax.set_mesh(mesh):
-        return jax.jit(jax.grad(loss)).lower(params, x).compile()
+    return compile_layer_grad(layer, x_shape, _one_chip(), dtype)[1]
 
 
 def test_mask_dispatch_one_hot_dots_are_highest_precision_on_tpu():
@@ -115,8 +102,7 @@ def test_mask_dispatch_one_hot_dots_are_highest_precision_on_tpu():
 
 
 def _grad_flops(fn, *shapes) -> float:
-    mesh = _one_chip_mesh()
-    replicated = NamedSharding(mesh, PartitionSpec())
+    replicated = _one_chip().replicated_sharding
     args = [jax.ShapeDtypeStruct(s, d, sharding=replicated) for s, d in shapes]
 
     def loss(x, w, sizes):
@@ -147,3 +133,28 @@ def test_dropless_layer_compiles_for_tpu_grouped():
     expert_flops = 3 * 2 * (2 * tokens) * d_model * d_ff * 2  # fwd+bwd, 2 matmuls, top-2
     dense_over_experts = expert_flops * experts / 2
     assert flops < 1.5 * expert_flops < dense_over_experts, (flops, expert_flops)
+
+
+def test_expert_parallel_dropless_on_v4_32_exchanges_rows_ragged():
+    """Dropless under a (data 2, expert 8) mesh: rows move by ragged all-to-all, each chip's
+    experts run the grouped kernel, no token or expert weight is gathered, and the FLOPs per
+    chip are its share of the grouped computation, not dense over the experts."""
+    experts, d_model, d_ff, batch, length = 16, 256, 512, 32, 128
+    partitioner = Partitioner(8, devices=tpu_topology.slice_devices("v4-32"))
+    layer = MoeLayer(num_experts=experts, d_ff=d_ff, activation="relu", dispatch="dropless",
+                     router=TokenChoice(num_selected_experts=2), max_group_size=length,
+                     num_expert_partitions=8, dtype=jnp.bfloat16)
+    _, compiled = compile_layer_grad(layer, (batch, length, d_model), partitioner)
+    ops = hlo_collectives.collective_ops(compiled.as_text())
+    summary = hlo_collectives.summarize(ops)
+    assert summary["ragged-all-to-all"]["count"] >= 2, summary
+    wide = [op for op in ops if op.kind == "all-gather"
+            and any(dims and dims[-1] in (d_model, d_ff) for _, dims in op.shapes)]
+    assert wide == []
+    chip_rows = 2 * batch * length // 16  # top-2 choices of the chip's tokens, if balanced
+    per_chip = 3 * 2 * chip_rows * d_model * d_ff * 2
+    flops = float(compiled.cost_analysis()["flops"])
+    # The kernel's static cost counts its receive buffer, the worst case of all 8 peers' rows
+    # (at run time it visits only the rows that came); dense over the chip's 2 experts would
+    # be 2 x 8 = 16 times the balanced share.
+    assert flops < 8 * per_chip, (flops, per_chip)
