@@ -99,6 +99,35 @@ def _warn_capacity_leak(router: RouterSpec) -> None:
     )
 
 
+def _batch_shards() -> int:
+    """How many ways the current mesh splits the batch (1 outside a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    axes = nn.logical_to_mesh_axes(("batch",))[0]
+    axes = (axes,) if isinstance(axes, str) else axes or ()
+    return math.prod(mesh.shape.get(axis, 1) for axis in axes)
+
+
+@functools.cache
+def _warn_groups_do_not_split(num_groups: int, shards: int) -> None:
+    logging.warning(
+        "The MoE layer routes %d groups, which the mesh's %d batch shards cannot split "
+        "evenly: XLA gathers the layer's tokens across devices instead of moving only the "
+        "expert buffers. Make the group count a multiple of %d: lower GROUP_SIZE (at most "
+        "tokens per batch / %d) or raise the batch.",
+        num_groups, shards, shards, shards,
+    )
+
+
+def _warn_if_groups_do_not_split(num_groups: int, dispatch: str) -> None:
+    """Say once when capacity dispatch groups cannot be split like the batch (dropless pads
+    its groups to the shards itself)."""
+    shards = _batch_shards()
+    if dispatch != "dropless" and num_groups % shards:
+        _warn_groups_do_not_split(num_groups, shards)
+
+
 class MoeLayer(nn.Module):
     """Sparse feed-forward block: a router and `num_experts` stacked expert MLPs.
 
@@ -227,6 +256,7 @@ class MoeLayer(nn.Module):
             num_groups, group_size = group_shape(
                 batch * length, self.max_group_size, self.num_expert_partitions
             )
+        _warn_if_groups_do_not_split(num_groups, self.dispatch)
         num_tokens = padded_batch * padded_length
         pad = num_groups * group_size - num_tokens
         tokens = jnp.pad(x.reshape(num_tokens, d_model), ((0, pad), (0, 0)))

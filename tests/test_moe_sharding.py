@@ -103,3 +103,23 @@ def test_expert_parallel_layer_compiles_to_all_to_all(dispatch):
     assert "all-to-all" in hlo, "expected XLA to exchange expert buffers with an all-to-all"
     # Control: with pure data parallelism (no expert axis) there is nothing to exchange.
     assert "all-to-all" not in _compiled_hlo(layer, Partitioner(num_expert_partitions=1), x)
+
+
+def test_groups_the_batch_shards_cannot_split_are_reported_once(caplog):
+    """8 x 32 tokens in groups of 128 make 2 groups (rounded up to the 2 expert partitions):
+    the 8 batch shards cannot split them, so XLA gathers tokens; the layer says how to fix it.
+    The same layer with groups of 32 (8 groups) says nothing."""
+    from moe import moe_layer
+
+    x = jax.random.normal(jax.random.key(1), (8, 32, 16))
+    partitioner = Partitioner(num_expert_partitions=2)
+    moe_layer._warn_groups_do_not_split.cache_clear()
+    fine = MoeLayer(8, 32, router=ROUTERS["top1"], max_group_size=32, num_expert_partitions=2)
+    _compiled_hlo(fine, partitioner, x)
+    assert "cannot split" not in caplog.text
+    coarse = fine.clone(max_group_size=128)
+    _compiled_hlo(coarse, partitioner, x)
+    _compiled_hlo(coarse, partitioner, x)
+    warnings = [r.getMessage() for r in caplog.records if "cannot split" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "routes 2 groups" in warnings[0] and "8 batch shards" in warnings[0]
