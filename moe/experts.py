@@ -39,19 +39,21 @@ class RaggedMlp:
     dropout_rng: jax.Array | None  # None: no expert dropout (rate 0, or deterministic)
     activation: str = struct.field(pytree_node=False)
     dropout_rate: float = struct.field(pytree_node=False, default=0.0)
+    grouped_matmul: str = struct.field(pytree_node=False, default="auto")
 
     def __call__(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
         """x [M, d_model] sorted by expert, group_sizes [E] -> [M, d_model] (rows past
         sum(group_sizes) are zeros)."""
         x = x.astype(self.output_kernel.dtype)
-        hidden = [grouped_matmul(x, w, group_sizes) for w in self.input_kernels]
+        matmul = lambda a, w: grouped_matmul(a, w, group_sizes, self.grouped_matmul)
+        hidden = [matmul(x, w) for w in self.input_kernels]
         hidden = apply_activation(self.activation, hidden)
         if self.dropout_rng is not None:
             # The module's dropout, applied unbound: a pure function of the key.
             hidden = nn.Dropout(self.dropout_rate).apply(
                 {}, hidden, deterministic=False, rng=self.dropout_rng
             )
-        return grouped_matmul(hidden, self.output_kernel, group_sizes)
+        return matmul(hidden, self.output_kernel)
 
     def fold_in(self, data: jax.Array) -> RaggedMlp:
         """The same experts with the dropout key folded with `data` (a device's index: each
@@ -70,6 +72,7 @@ class MlpExperts(nn.Module):
     dropout_rate: float = 0.0  # expert dropout (Switch fine-tuning: 0.4 inside experts)
     dtype: jnp.dtype = jnp.float32
     kernel_init_scale: float = 1.0
+    grouped_matmul: str = "auto"  # the ragged form's `moe.grouped_matmul` implementation
 
     def _kernel(self, name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> jax.Array:
         init = nn.with_logical_partitioning(expert_kernel_init(self.kernel_init_scale), axes)
@@ -114,6 +117,7 @@ class MlpExperts(nn.Module):
                 self.make_rng("dropout") if dropping else None,
                 activation=self.activation,
                 dropout_rate=self.dropout_rate,
+                grouped_matmul=self.grouped_matmul,
             )
             return mlp(x, group_sizes) if dropless is None else dropless(x, mlp)
         matmul = lambda a, w: jnp.einsum("egcd,edf->egcf", a, w)

@@ -155,9 +155,69 @@ def _blocked_bwd(residuals, grad):
 blocked_grouped_matmul.defvjp(_blocked_fwd, _blocked_bwd)
 
 
+# --- 'mosaic_gpu': JAX's Hopper grouped kernels (jax.experimental.pallas.ops.gpu) ----------
+
+# Tiles of JAX's Mosaic GPU ragged_dot kernels (bfloat16/float16 on Hopper); the contraction
+# must be a multiple of _MGPU_K and the output columns of _MGPU_N, else 'blocked' runs.
+_MGPU_M, _MGPU_N, _MGPU_K = 128, 128, 64
+_MGPU_TILES = dict(block_m=_MGPU_M, block_n=_MGPU_N, block_k=_MGPU_K, max_concurrent_steps=4,
+                   grid_block_n=1)
+
+
+def _mgpu_fits(x: jax.Array, w: jax.Array) -> bool:
+    k, n = w.shape[1], w.shape[2]
+    return (x.dtype in (jnp.bfloat16, jnp.float16) and w.dtype == x.dtype
+            and k % _MGPU_K == 0 and k % _MGPU_M == 0 and n % _MGPU_N == 0)
+
+
+def _rows_computed(rows: int, group_sizes: jax.Array) -> jax.Array:
+    return (jnp.arange(rows) < jnp.sum(group_sizes))[:, None]
+
+
+@jax.custom_vjp
+def _mgpu(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    from jax.experimental.pallas.ops.gpu.ragged_dot_mgpu import ragged_dot
+
+    out = ragged_dot(x, w, group_sizes=group_sizes, **_MGPU_TILES)
+    return jnp.where(_rows_computed(x.shape[0], group_sizes), out, jnp.zeros((), out.dtype))
+
+
+def _mgpu_fwd(x, w, group_sizes):
+    return _mgpu(x, w, group_sizes), (x, w, group_sizes)
+
+
+def _mgpu_bwd(residuals, grad):
+    from jax.experimental.pallas.ops.gpu.ragged_dot_mgpu import ragged_dot
+    from jax.experimental.pallas.ops.gpu.transposed_ragged_dot_mgpu import (
+        transposed_ragged_dot,
+    )
+
+    x, w, group_sizes = residuals
+    computed = _rows_computed(x.shape[0], group_sizes)
+    grad = jnp.where(computed, grad, jnp.zeros((), grad.dtype))
+    dx = ragged_dot(grad, w, group_sizes=group_sizes, transpose_rhs=True, **_MGPU_TILES)
+    dx = jnp.where(computed, dx, jnp.zeros((), dx.dtype))
+    dw = transposed_ragged_dot(jnp.where(computed, x, jnp.zeros((), x.dtype)), grad,
+                               group_sizes=group_sizes, **_MGPU_TILES)
+    return dx, dw.astype(w.dtype), None
+
+
+_mgpu.defvjp(_mgpu_fwd, _mgpu_bwd)
+
+
+def mosaic_gpu_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """The Hopper form: JAX's Mosaic GPU `ragged_dot` (forward, and dx with the kernels
+    transposed) and `transposed_ragged_dot` (dw), all grouped. Shapes or dtypes its tiles do
+    not fit run 'blocked'. Rows past sum(group_sizes) are zeroed by select on both sides."""
+    if not _mgpu_fits(x, w):
+        return blocked_grouped_matmul(x, w, group_sizes)
+    return _mgpu(x, w, group_sizes)
+
+
 IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
     "blocked": blocked_grouped_matmul,
     "megablox": megablox_grouped_matmul,
+    "mosaic_gpu": mosaic_gpu_grouped_matmul,
     "ragged_dot": _ragged_dot,
 }
 

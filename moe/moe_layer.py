@@ -26,6 +26,7 @@ from moe import expert_parallel
 from moe.dispatch import BUFFERED_DISPATCH
 from moe.errors import ConfigurationError
 from moe.experts import MlpExperts
+from moe.grouped_matmul import IMPLEMENTATIONS
 from moe.routing import RouterSpec, TokenChoice
 from moe.routing.interface import DISPATCHES
 from moe.routing.metrics import routing_diagnostics
@@ -152,6 +153,8 @@ class MoeLayer(nn.Module):
       router_init_stddev: the router kernel's initial stddev (flaxformer's 2e-2: routing
         starts near uniform); 0 initializes it to zero, so every token scores every expert
         alike (fine-grained upcycling then computes the dense function exactly).
+      grouped_matmul: how dropless runs its experts (`moe.grouped_matmul`): 'auto' picks per
+        backend; 'blocked', 'megablox', 'mosaic_gpu' or 'ragged_dot' force one (benchmarks).
     """
 
     num_experts: int
@@ -168,6 +171,7 @@ class MoeLayer(nn.Module):
     group_formula: str = "fewest"
     num_expert_replicas: int = 1
     router_init_stddev: float = 2e-2
+    grouped_matmul: str = "auto"
 
     def check_config(self) -> None:
         """Raise a ConfigurationError naming the problem and the fix for a bad configuration."""
@@ -199,6 +203,11 @@ class MoeLayer(nn.Module):
             raise ConfigurationError(
                 f"Unknown group_formula {self.group_formula!r}; choose one of "
                 f"{list(GROUP_FORMULAS)}."
+            )
+        if self.grouped_matmul != "auto" and self.grouped_matmul not in IMPLEMENTATIONS:
+            raise ConfigurationError(
+                f"Unknown grouped_matmul {self.grouped_matmul!r}; choose 'auto' or one of "
+                f"{sorted(IMPLEMENTATIONS)}."
             )
         if self.num_expert_replicas < 1:
             raise ConfigurationError(
@@ -277,6 +286,7 @@ class MoeLayer(nn.Module):
             dropout_rate=self.expert_dropout_rate,
             dtype=self.dtype,
             kernel_init_scale=self.kernel_init_scale,
+            grouped_matmul=self.grouped_matmul,
             name="expert",
         )
         grouped = grouped.astype(self.dtype)

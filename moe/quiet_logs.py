@@ -127,7 +127,8 @@ def quiet_start_up() -> None:
     apply_environment_defaults()
     keep_jax_off_absent_tpu()
     filter_python_noise()
-    if os.environ.get("TF_CPP_MIN_LOG_LEVEL") != "0" and "tensorflow" not in sys.modules:
+    if (os.environ.get("TF_CPP_MIN_LOG_LEVEL") != "0" and "tensorflow" not in sys.modules
+            and importlib.util.find_spec("tensorflow") is not None):  # benchmarks run without
         load_tensorflow_quietly()
 
 

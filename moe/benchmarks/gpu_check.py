@@ -31,6 +31,7 @@ import moe.quiet_logs  # noqa: F401, I001 - first: no libtpu start-up errors wit
 
 import argparse
 import contextlib
+import functools
 import importlib
 import importlib.metadata
 import json
@@ -192,6 +193,131 @@ def check_devices(sizes: dict, rtol: float, batch: int) -> dict:
     return row
 
 
+# --- Grouped matmul forms ------------------------------------------------------------------
+
+
+def _uneven_group_sizes(rows: int, groups: int, seed: int = 0) -> jax.Array:
+    """Group sizes summing to `rows`, uneven (random cut points) with some empty groups."""
+    rng = np.random.default_rng(seed)
+    cuts = np.sort(rng.integers(0, rows, groups - 1))
+    sizes = np.diff(np.concatenate([[0], cuts, [rows]]))
+    sizes[rng.integers(0, groups)] = 0  # an empty group
+    sizes[-1] += rows - sizes.sum()
+    return jnp.asarray(sizes, jnp.int32)
+
+
+def _grouped_objective(impl: str, dtype: Any, group_sizes: jax.Array) -> Callable:
+    """Jitted value_and_grad of sum(sin(grouped_matmul(x, w))) w.r.t. (w, x), in `dtype`."""
+    from moe.grouped_matmul import grouped_matmul
+
+    def f(w, x):
+        y = grouped_matmul(x.astype(dtype), w.astype(dtype), group_sizes, impl)
+        return jnp.sum(jnp.sin(y.astype(jnp.float32))), y
+
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))
+
+
+def grouped_rows(args: argparse.Namespace, sizes: dict) -> list[dict]:
+    """Each `moe.grouped_matmul` form on its own, bfloat16: its forward and gradients against
+    the float32 'blocked' form on uneven groups (PASS/FAIL at 2e-2 of the largest value), then
+    fwd+bwd time at the dropless top-2 shape (rows = 2 x tokens, d_model x d_ff) against one
+    dense matmul of the same rows, and torch's grouped_mm on the same shape when installed."""
+    from moe.grouped_matmul import grouped_matmul
+
+    d_model, d_ff = sizes["d_model"], sizes["d_ff"]
+    rows = 2 * sizes["batch"] * sizes["length"]
+    out: list[dict] = []
+    key_x, key_w = jax.random.split(jax.random.key(3))
+    check_rows = min(rows, 4096)
+    for num_experts in sizes["experts"]:
+        group_sizes = _uneven_group_sizes(check_rows, num_experts)
+        x = jax.random.normal(key_x, (check_rows, d_model), jnp.float32)
+        w = jax.random.normal(key_w, (num_experts, d_model, d_ff), jnp.float32) * d_model ** -.5
+
+        objective = functools.partial(_grouped_objective, group_sizes=group_sizes)
+        (_, y_ref), g_ref = objective("blocked", jnp.float32)(w, x)
+        reference = [np.asarray(a, np.float64) for a in (y_ref, *g_ref)]
+        for impl in args.grouped_matmuls:
+            row = {"check": "grouped", "experts": num_experts, "router": impl,
+                   "pair": "bf16 vs f32 blocked"}
+            try:
+                (_, y), g = objective(impl, jnp.bfloat16)(w, x)
+                row.update(compare([np.asarray(a, np.float64) for a in (y, *g)], reference,
+                                   2e-2))
+            except Exception as error:  # a failing form must not end the check
+                row.update(_failure(error))
+                row["status"] = "FAIL"
+            out.append(row)
+            _print_row(row)
+    x = jax.random.normal(key_x, (rows, d_model), jnp.bfloat16)
+    dense = time_step(lambda w, x: jnp.sum(x @ w), jax.random.normal(key_w, (d_model, d_ff),
+                      jnp.bfloat16), x, sizes["steps"], sizes["warmup"])
+    row = {"check": "grouped", "experts": "-", "router": "dense matmul", "dispatch": "-",
+           "status": "ok", **dense}
+    out.append(row)
+    _print_row(row)
+    for num_experts in sizes["experts"]:
+        group_sizes = _uneven_group_sizes(rows, num_experts)
+        w = jax.random.normal(key_w, (num_experts, d_model, d_ff), jnp.bfloat16)
+        for impl in args.grouped_matmuls:
+            row = {"check": "grouped", "experts": num_experts, "router": impl, "dispatch": "-"}
+            try:
+                row.update(time_step(
+                    lambda w, x, impl=impl, sizes_=group_sizes: jnp.sum(
+                        grouped_matmul(x, w, sizes_, impl)),
+                    w, x, sizes["steps"], sizes["warmup"]))
+                row["status"] = "ok"
+                row["x_dense"] = dense["median_step_s"] / row["median_step_s"]
+            except Exception as error:  # an OOM row must not end the check
+                row.update(_failure(error))
+            out.append(row)
+            _print_row(row)
+        out += _torch_grouped_row(num_experts, rows, d_model, d_ff, group_sizes, dense)
+    return out
+
+
+def _torch_grouped_row(num_experts: int, rows: int, d_model: int, d_ff: int,
+                       group_sizes: jax.Array, dense: dict) -> list[dict]:
+    """torch's grouped matmul fwd+bwd on the same shape and groups, when torch has CUDA."""
+    try:
+        torch = importlib.import_module("torch")
+    except ImportError:
+        return []
+    if not torch.cuda.is_available() or jax.default_backend() != "gpu":
+        return []
+    device = torch.device("cuda")
+    matmul, how = _pick_matmul(torch, device)
+    row = {"check": "grouped", "experts": num_experts, "router": "torch", "dispatch": "-",
+           "matmul": how}
+    try:
+        x = torch.randn(rows, d_model, device=device).bfloat16().requires_grad_()
+        w = torch.randn(num_experts, d_ff, d_model, device=device).bfloat16().requires_grad_()
+        offs = torch.tensor(np.cumsum(np.asarray(group_sizes)), device=device,
+                            dtype=torch.int32)
+
+        def step():
+            x.grad = w.grad = None
+            matmul(x, w.transpose(-2, -1), offs).float().sum().backward()
+
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            step()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        median = statistics.median(times)
+        row.update({"status": "ok", "median_step_s": median, "tokens_per_s": rows / median,
+                    "x_dense": dense["median_step_s"] / median})
+    except Exception as error:  # an OOM row must not end the check
+        row.update(_failure(error))
+    torch.cuda.empty_cache()
+    _print_row(row)
+    return [row]
+
+
 # --- Speed ---------------------------------------------------------------------------------
 
 
@@ -242,17 +368,14 @@ def speed_rows(args: argparse.Namespace, sizes: dict) -> list[dict]:
         for router in sizes["routers"]:
             spec = specs[router]
             equal_width = max(1, round(d_ff * spec.experts_per_token(group, num_experts)))
-            for dispatch in DISPATCHES:
-                if dispatch not in spec.dispatches:
-                    continue
-                if dispatch == "dropless" and router == "top2_flaxformer_capacity":
-                    continue  # no capacity in dropless: identical to top2
+            for dispatch, impl in _dispatch_variants(router, spec, args.grouped_matmuls):
                 row = {"check": "speed", "experts": num_experts, "router": router,
-                       "dispatch": dispatch, "equal_flops_d_ff": equal_width,
+                       "dispatch": dispatch if impl == "auto" else f"{dispatch}[{impl}]",
+                       "equal_flops_d_ff": equal_width,
                        "capacity": group if dispatch == "dropless"
                        else spec.capacity(group, num_experts, deterministic=False)}
                 try:
-                    row.update(_moe_time(spec, dispatch, num_experts, x, args, sizes))
+                    row.update(_moe_time(spec, dispatch, num_experts, x, args, sizes, impl))
                     row["status"] = "ok"
                 except Exception as error:  # an OOM row must not end the check
                     row.update(_failure(error))
@@ -265,10 +388,27 @@ def speed_rows(args: argparse.Namespace, sizes: dict) -> list[dict]:
     return rows
 
 
+def _dispatch_variants(router: str, spec: RouterSpec,
+                       grouped_matmuls: list[str]) -> list[tuple[str, str]]:
+    """(dispatch, grouped matmul) pairs of a router's speed rows: each dispatch it supports
+    with the automatic grouped matmul, and for top2 dropless every listed form as well."""
+    pairs = []
+    for dispatch in DISPATCHES:
+        if dispatch not in spec.dispatches:
+            continue
+        if dispatch == "dropless" and router == "top2_flaxformer_capacity":
+            continue  # no capacity in dropless: identical to top2
+        pairs.append((dispatch, "auto"))
+        if dispatch == "dropless" and router == "top2":
+            pairs += [(dispatch, impl) for impl in grouped_matmuls if impl != "auto"]
+    return pairs
+
+
 def _moe_time(spec: RouterSpec, dispatch: str, num_experts: int, x: jax.Array,
-              args: argparse.Namespace, sizes: dict) -> dict:
+              args: argparse.Namespace, sizes: dict, grouped_matmul: str = "auto") -> dict:
     layer = MoeLayer(num_experts, sizes["d_ff"], router=spec, activation=args.activation,
-                     dispatch=dispatch, max_group_size=sizes["group_size"], dtype=x.dtype)
+                     dispatch=dispatch, max_group_size=sizes["group_size"], dtype=x.dtype,
+                     grouped_matmul=grouped_matmul)
     variables = nn.meta.unbox(jax.jit(layer.init)(jax.random.key(1), x))
     objective = _moe_objective(layer, variables.get(ROUTER_STATE))
     return time_step(objective, variables["params"], x, sizes["steps"], sizes["warmup"])
@@ -463,6 +603,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--capacity_factor", type=float, default=1.0,
                         help="capacity factor of the speed rows")
     parser.add_argument("--activation", default="relu", help="activation of the speed rows")
+    parser.add_argument("--grouped_matmuls", type=lambda s: s.split(","),
+                        default=["auto", "blocked", "mosaic_gpu", "ragged_dot"],
+                        help="moe.grouped_matmul forms compared on their own and as top2 "
+                        "dropless rows (auto: the one the layer picks on this backend)")
     args = parser.parse_args(argv)
     known = list(router_specs(1.0))
     if args.routers and set(args.routers) - set(known):
@@ -504,10 +648,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = check_dispatches(sizes, args.rtol, batch)
     rows.append(check_devices(sizes, args.rtol, batch))
     if not args.skip_speed:
+        rows += grouped_rows(args, sizes)
         rows += speed_rows(args, sizes)
         rows += torch_rows(args, sizes)
     failed = [r for r in rows if r["status"] == "FAIL"]
-    checks = [r for r in rows if r["check"] in ("dispatch", "devices")]
+    checks = [r for r in rows if r["check"] in ("dispatch", "devices")
+              or r.get("pair") == "bf16 vs f32 blocked"]
     if failed:
         print(f"correctness: {len(failed)} of {len(checks)} checks FAIL: "
               + "; ".join(f"{r['router']} {r['pair']}" for r in failed))
