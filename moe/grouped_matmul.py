@@ -23,6 +23,7 @@ The backend is chosen when the program is lowered (`jax.lax.platform_dependent`)
 compiled ahead of time for a TPU slice on a CPU machine gets the TPU kernel.
 """
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -159,34 +160,50 @@ blocked_grouped_matmul.defvjp(_blocked_fwd, _blocked_bwd)
 
 # Tiles of JAX's Mosaic GPU ragged_dot kernels (bfloat16/float16 on Hopper); the contraction
 # must be a multiple of _MGPU_K and the output columns of _MGPU_N, else 'blocked' runs.
+# Chosen by `python -m moe.benchmarks.mgpu_tiles` on an H200 (2 x 32k rows, 1024 x 4096,
+# fwd+bwd): 3.99 ms at E=8 and 4.71 ms at E=64, against 4.78 / 5.19 ms with grid_block_n=1,
+# and 13.7 / 17.8 ms with block_n=256.
 _MGPU_M, _MGPU_N, _MGPU_K = 128, 128, 64
-_MGPU_TILES = dict(block_m=_MGPU_M, block_n=_MGPU_N, block_k=_MGPU_K, max_concurrent_steps=4,
-                   grid_block_n=1)
+MOSAIC_GPU_TILES = dict(block_m=_MGPU_M, block_n=_MGPU_N, block_k=_MGPU_K,
+                        max_concurrent_steps=4, grid_block_n=8)
 
 
-def _mgpu_fits(x: jax.Array, w: jax.Array) -> bool:
+def _mgpu_tiles(x: jax.Array, w: jax.Array) -> dict | None:
+    """The kernels' tiles for these shapes, or None where they do not fit (then 'blocked').
+
+    The forward's output columns (n), dx's (k) and both contractions must be whole tiles; the
+    column tile is block_n * grid_block_n, so grid_block_n shrinks until it divides both."""
     k, n = w.shape[1], w.shape[2]
-    return (x.dtype in (jnp.bfloat16, jnp.float16) and w.dtype == x.dtype
-            and k % _MGPU_K == 0 and k % _MGPU_M == 0 and n % _MGPU_N == 0)
+    tiles = dict(MOSAIC_GPU_TILES)
+    if not (x.dtype in (jnp.bfloat16, jnp.float16) and w.dtype == x.dtype):
+        return None
+    if k % tiles["block_k"] or n % tiles["block_k"] or k % tiles["block_m"]:
+        return None
+    while tiles["grid_block_n"] > 1 and (k % (tiles["block_n"] * tiles["grid_block_n"])
+                                         or n % (tiles["block_n"] * tiles["grid_block_n"])):
+        tiles["grid_block_n"] //= 2
+    if k % tiles["block_n"] or n % tiles["block_n"]:
+        return None
+    return tiles
 
 
 def _rows_computed(rows: int, group_sizes: jax.Array) -> jax.Array:
     return (jnp.arange(rows) < jnp.sum(group_sizes))[:, None]
 
 
-@jax.custom_vjp
-def _mgpu(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _mgpu(x: jax.Array, w: jax.Array, group_sizes: jax.Array, tiles: tuple) -> jax.Array:
     from jax.experimental.pallas.ops.gpu.ragged_dot_mgpu import ragged_dot
 
-    out = ragged_dot(x, w, group_sizes=group_sizes, **_MGPU_TILES)
+    out = ragged_dot(x, w, group_sizes=group_sizes, **dict(tiles))
     return jnp.where(_rows_computed(x.shape[0], group_sizes), out, jnp.zeros((), out.dtype))
 
 
-def _mgpu_fwd(x, w, group_sizes):
-    return _mgpu(x, w, group_sizes), (x, w, group_sizes)
+def _mgpu_fwd(x, w, group_sizes, tiles):
+    return _mgpu(x, w, group_sizes, tiles), (x, w, group_sizes)
 
 
-def _mgpu_bwd(residuals, grad):
+def _mgpu_bwd(tiles, residuals, grad):
     from jax.experimental.pallas.ops.gpu.ragged_dot_mgpu import ragged_dot
     from jax.experimental.pallas.ops.gpu.transposed_ragged_dot_mgpu import (
         transposed_ragged_dot,
@@ -195,23 +212,34 @@ def _mgpu_bwd(residuals, grad):
     x, w, group_sizes = residuals
     computed = _rows_computed(x.shape[0], group_sizes)
     grad = jnp.where(computed, grad, jnp.zeros((), grad.dtype))
-    dx = ragged_dot(grad, w, group_sizes=group_sizes, transpose_rhs=True, **_MGPU_TILES)
+    dx = ragged_dot(grad, w, group_sizes=group_sizes, transpose_rhs=True, **dict(tiles))
     dx = jnp.where(computed, dx, jnp.zeros((), dx.dtype))
     dw = transposed_ragged_dot(jnp.where(computed, x, jnp.zeros((), x.dtype)), grad,
-                               group_sizes=group_sizes, **_MGPU_TILES)
+                               group_sizes=group_sizes, **dict(tiles))
     return dx, dw.astype(w.dtype), None
 
 
 _mgpu.defvjp(_mgpu_fwd, _mgpu_bwd)
 
 
+def _hopper_gpu() -> bool:
+    """Whether this process's GPU is a Hopper (compute capability 9.x), which the Mosaic GPU
+    kernels are written for (wgmma); other GPUs run 'blocked'."""
+    try:
+        device = jax.devices("gpu")[0]
+    except RuntimeError:
+        return False
+    return str(getattr(device, "compute_capability", "")).startswith("9.")
+
+
 def mosaic_gpu_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
     """The Hopper form: JAX's Mosaic GPU `ragged_dot` (forward, and dx with the kernels
     transposed) and `transposed_ragged_dot` (dw), all grouped. Shapes or dtypes its tiles do
     not fit run 'blocked'. Rows past sum(group_sizes) are zeroed by select on both sides."""
-    if not _mgpu_fits(x, w):
+    tiles = _mgpu_tiles(x, w)
+    if tiles is None:
         return blocked_grouped_matmul(x, w, group_sizes)
-    return _mgpu(x, w, group_sizes)
+    return _mgpu(x, w, group_sizes, tuple(sorted(tiles.items())))
 
 
 IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
@@ -226,13 +254,14 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
                    implementation: str = "auto") -> jax.Array:
     """x [M, k] rows sorted by group, w [E, k, n], group_sizes [E] int32 -> [M, n].
 
-    `implementation`: 'auto' (megablox on TPU, blocked elsewhere) or one of IMPLEMENTATIONS
-    (benchmarks compare them).
+    `implementation`: 'auto' (megablox on TPU, mosaic_gpu on a Hopper GPU, blocked elsewhere)
+    or one of IMPLEMENTATIONS (benchmarks compare them).
     """
     group_sizes = group_sizes.astype(jnp.int32)
     if implementation == "auto":
+        gpu = mosaic_gpu_grouped_matmul if _hopper_gpu() else blocked_grouped_matmul
         return lax.platform_dependent(x, w, group_sizes, tpu=megablox_grouped_matmul,
-                                      default=blocked_grouped_matmul)
+                                      cuda=gpu, default=blocked_grouped_matmul)
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"Unknown grouped matmul {implementation!r}; choose 'auto' or one of "
                          f"{sorted(IMPLEMENTATIONS)}.")
