@@ -53,20 +53,21 @@ def infer(
                                          dataset_cfg.batch_size, restored.router_state,
                                          decode_method=decode_method)
     path = file_io.join(output_dir, f"{restored.task.name}-{dataset_cfg.split}.jsonl")
-    with file_io.open_file(path, "w") as f:
-        for sub_task in evaluator.eval_tasks:
-            vocab = sub_task.output_features["targets"].vocabulary
-            ds = evaluator.cached_model_datasets[sub_task.name]
-            examples = list(evaluator.cached_task_datasets[sub_task.name].as_numpy_iterator())
-            for index, tokens in sorted(predict(ds)):
-                example = examples[index]
-                record = {"task": sub_task.name, "index": index,
-                          "prediction": vocab.decode(_until_eos(tokens, vocab))}
-                for feature in ("inputs", "targets"):
-                    if feature in example:
-                        record[feature] = vocab.decode(
-                            [int(t) for t in example[feature] if t != 0])
-                f.write(json.dumps(record) + "\n")
+    lines = []
+    for sub_task in evaluator.eval_tasks:
+        vocab = sub_task.output_features["targets"].vocabulary
+        ds = evaluator.cached_model_datasets[sub_task.name]
+        examples = list(evaluator.cached_task_datasets[sub_task.name].as_numpy_iterator())
+        for index, tokens in sorted(predict(ds)):
+            example = examples[index]
+            record = {"task": sub_task.name, "index": index,
+                      "prediction": vocab.decode(_until_eos(tokens, vocab))}
+            for feature in ("inputs", "targets"):
+                if feature in example:
+                    record[feature] = vocab.decode([int(t) for t in example[feature] if t != 0])
+            lines.append(json.dumps(record) + "\n")
+    # Complete or absent: a run killed while decoding leaves no partial predictions file.
+    file_io.write_atomically(path, "".join(lines))
     print(f"Wrote predictions to {path}", flush=True)
     return path
 

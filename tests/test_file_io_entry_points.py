@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import seqio
 
-from moe import checkpoints, convert, data, file_io, infer, logits, train
+from moe import checkpoints, convert, data, evaluation, file_io, infer, logits, train
 from moe import eval as moe_eval
 from moe.experiments import report
 from tests.experiments.test_claims import layer, results, run
@@ -148,6 +148,31 @@ def test_eval_and_infer_write_their_outputs_under_a_url(tmp_path, local_cwd):
     assert len(records) == 12  # the toy task's validation split
     assert all(r["task"] == EXACT_TASK and r["prediction"] == r["targets"] for r in records)
     assert os.listdir(local_cwd) == []
+
+
+def test_infer_killed_while_decoding_leaves_no_predictions_file(tmp_path, monkeypatch):
+    """Predictions are complete or absent: a failure in the middle of decoding writes
+    nothing (the file is written once, atomically, after the last example)."""
+    model = PredictingToyModel()
+    checkpoint, _ = _toy_checkpoint(model, tmp_path / "run")
+    cfg = data.DatasetConfig(EXACT_TASK, {"targets": 8}, split="validation", batch_size=8,
+                             module=None)
+    make_predict_fn = evaluation.make_predict_fn
+
+    def dying_predict_fn(*args, **kwargs):
+        predict = make_predict_fn(*args, **kwargs)
+
+        def predict_then_die(ds):
+            yield next(iter(predict(ds)))
+            raise KeyboardInterrupt("killed while decoding")
+
+        return predict_then_die
+
+    monkeypatch.setattr(evaluation, "make_predict_fn", dying_predict_fn)
+    with pytest.raises(KeyboardInterrupt):
+        infer.infer(model=model, checkpoint_path=checkpoint, dataset_cfg=cfg,
+                    output_dir=str(tmp_path / "infer"))
+    assert not list((tmp_path / "infer").glob("*.jsonl"))
 
 
 def test_logits_read_features_and_write_arrays_under_a_url(tmp_path, local_cwd):
