@@ -108,8 +108,11 @@ def _resolved_train_bindings() -> dict[str, Any]:
 
 
 def _abstract_batch(trainer: Trainer) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch as the train step sees it: int32 features unless the trainer's
+    `input_types` say otherwise, split like the batch."""
     sharding = trainer.partitioner.batch_sharding
-    return {name: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
+    types = trainer.input_types or {}
+    return {name: jax.ShapeDtypeStruct(shape, types.get(name, jnp.int32), sharding=sharding)
             for name, shape in trainer.input_shapes.items()}
 
 
@@ -119,10 +122,29 @@ def _shard_bytes(tree: Any) -> int:
                for leaf in jax.tree.leaves(tree))
 
 
-def compile_step(name: str, lowered_fn: Any, *args: Any) -> StepPlan:
+def _compile_or_explain(lowered: Any, step: str, slice_name: str) -> Any:
+    """`lowered.compile()`; the TPU compiler's out-of-memory verdict becomes a
+    ConfigurationError (exit 2) that names what overflows and what to change."""
+    try:
+        return lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        verdict = next((line for line in lines if "exceeds" in line or "HBM" in line), lines[0])
+        raise ConfigurationError(
+            f"Does not fit on {slice_name}: the TPU compiler says the {step} step runs out of "
+            f"memory ({verdict[:300]}). Raise NUM_MICROBATCHES or set "
+            "TransformerConfig.remat = True (activations), raise NUM_EXPERT_PARTITIONS / "
+            "NUM_MODEL_PARTITIONS (parameters and optimizer state), or use a larger slice."
+        ) from e
+
+
+def compile_step(name: str, lowered_fn: Any, *args: Any, slice_name: str = "the slice"
+                 ) -> StepPlan:
     """Compile `lowered_fn.lower(*args)` and read the TPU compiler's analyses."""
     start = time.perf_counter()
-    compiled = lowered_fn.lower(*args).compile()
+    compiled = _compile_or_explain(lowered_fn.lower(*args), name, slice_name)
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis() or {}
@@ -145,7 +167,14 @@ def build_trainer(tpu_slice_name: str) -> tuple[Trainer, dict[str, Any]]:
     devices = tpu_topology.slice_devices(tpu_slice_name)
     bindings = _resolved_train_bindings()
     model, cfg = bindings["model"], bindings["train_dataset_cfg"]
-    partitioner = bindings.get("partitioner") or Partitioner(
+    if bindings.get("partitioner") is not None:
+        raise ConfigurationError(
+            "The gin configuration binds train.partitioner, whose mesh is built from this "
+            "machine's devices; moe.plan builds the mesh from the slice's chips. Set "
+            "NUM_EXPERT_PARTITIONS / NUM_MODEL_PARTITIONS instead (and "
+            "Partitioner.logical_axis_rules for other rules)."
+        )
+    partitioner = Partitioner(
         bindings.get("num_expert_partitions", 1), bindings.get("num_model_partitions", 1),
         devices=devices,
     )
@@ -162,15 +191,18 @@ def build_trainer(tpu_slice_name: str) -> tuple[Trainer, dict[str, Any]]:
                      "task_feature_lengths": dict(cfg.task_feature_lengths)}
 
 
-def plan_steps(trainer: Trainer, with_eval: bool = True) -> list[StepPlan]:
+def plan_steps(trainer: Trainer, with_eval: bool = True, slice_name: str = "the slice"
+               ) -> list[StepPlan]:
     """The compiled train step (and eval step) of `trainer`, analysed."""
     batch = _abstract_batch(trainer)
     with trainer.partitioner.context():
-        steps = [compile_step("train", trainer.train_step, trainer.abstract_state, batch)]
+        steps = [compile_step("train", trainer.train_step, trainer.abstract_state, batch,
+                              slice_name=slice_name)]
         if with_eval:
             params = trainer.abstract_state["params"]
             router_state = trainer.abstract_state.get(ROUTER_STATE, {})
-            steps.append(compile_step("eval", trainer.eval_step, params, batch, router_state))
+            steps.append(compile_step("eval", trainer.eval_step, params, batch, router_state,
+                                      slice_name=slice_name))
     return steps
 
 
@@ -191,7 +223,8 @@ def _overflow_error(report: Mapping[str, Any], slice_name: str, chip: tpu_topolo
     listed = ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in parts.items())
     return ConfigurationError(
         f"Does not fit on {slice_name}: the train step needs {train['peak_bytes'] / GiB:.2f} GiB "
-        f"per chip, more than the {chip.hbm_bytes / GiB:.0f} GiB of a {chip.name} chip "
+        f"per chip, more than the {chip.usable_hbm_bytes / GiB:.2f} GiB a program may use on "
+        f"a {chip.name} chip "
         f"({listed}). The largest is {largest}: {fix}."
     )
 
@@ -215,7 +248,7 @@ def make_report(trainer: Trainer, steps: list[StepPlan], slice_name: str,
         "parameter_bytes": params, "optimizer_state_bytes": opt,
         "steps": {s.name: {**dataclasses.asdict(s), "peak_bytes": s.peak_bytes,
                            "roofline": s.roofline(chip)} for s in steps},
-        "fits": all(s.peak_bytes <= chip.hbm_bytes for s in steps),
+        "fits": all(s.peak_bytes <= chip.usable_hbm_bytes for s in steps),
         "assumptions": ASSUMPTIONS,
     }
 
@@ -229,7 +262,7 @@ def _bytes(n: float) -> str:
 
 def format_report(report: Mapping[str, Any]) -> str:
     """The plan as the table `moe.plan` prints."""
-    chip = tpu_topology.ChipSpec(**report["chip"])
+    chip = tpu_topology.ChipSpec(**{**dataclasses.asdict(tpu_topology.TPU_V4), **report["chip"]})
     lines = [
         f"{report['topology']}: {report['chips']} chips on {report['hosts']} hosts, mesh "
         f"{report['mesh']}, batch {report['batch_size']} x {report['task_feature_lengths']}, "
@@ -239,7 +272,7 @@ def format_report(report: Mapping[str, Any]) -> str:
         f"per chip: parameters {_bytes(report['parameter_bytes'])}, optimizer state "
         f"{_bytes(report['optimizer_state_bytes'])}",
         "",
-        "| step | peak / chip | of HBM | temporaries | TFLOP | GB accessed | "
+        "| step | peak / chip | of usable HBM | temporaries | TFLOP | GB accessed | "
         "est. step s | FLOP util. | compile s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -247,7 +280,7 @@ def format_report(report: Mapping[str, Any]) -> str:
         roof = step["roofline"]
         lines.append(
             f"| {step['name']} | {_bytes(step['peak_bytes'])} | "
-            f"{step['peak_bytes'] / chip.hbm_bytes:.1%} | {_bytes(step['temp_bytes'])} | "
+            f"{step['peak_bytes'] / chip.usable_hbm_bytes:.1%} | {_bytes(step['temp_bytes'])} | "
             f"{step['flops'] / 1e12:.4g} | {step['bytes_accessed'] / 1e9:.3g} | "
             f"{roof['step_s']:.3g} | {roof['flop_utilization']:.0%} | {step['compile_s']:.1f} |"
         )
@@ -264,7 +297,7 @@ def plan(topology: str = "v4-8", json_path: str | None = None,
          with_eval: bool = True) -> dict[str, Any]:
     """Compile the configured train (and eval) step for `topology` and report it."""
     trainer, data = build_trainer(topology)
-    steps = plan_steps(trainer, with_eval)
+    steps = plan_steps(trainer, with_eval, topology)
     report = make_report(trainer, steps, topology, data)
     print(format_report(report), flush=True)
     if json_path:

@@ -28,20 +28,23 @@ class ChipSpec:
 
     name: str
     hbm_bytes: int
+    usable_hbm_bytes: int  # what the TPU compiler lets a program use (it reserves the rest)
     peak_bf16_flops: float  # per second
     hbm_bytes_per_s: float
     ici_bytes_per_s: float  # the pod's all-reduce bandwidth divided by its chips
 
     def describe(self) -> str:
-        return (f"{self.name}: {self.hbm_bytes / 2**30:.0f} GiB HBM, "
+        return (f"{self.name}: {self.hbm_bytes / 2**30:.0f} GiB HBM "
+                f"({self.usable_hbm_bytes / 2**30:.2f} GiB usable by a program), "
                 f"{self.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16, "
                 f"{self.hbm_bytes_per_s / 1e9:.0f} GB/s HBM, "
                 f"{self.ici_bytes_per_s / 1e9:.0f} GB/s ICI per chip")
 
 
 # 275 TFLOP/s bf16, 32 GiB HBM2 at 1200 GB/s; a 4096-chip pod's all-reduce bandwidth is
-# 1.1 PB/s, about 270 GB/s per chip.
-TPU_V4 = ChipSpec("TPU v4", 32 * 2**30, 275e12, 1.2e12, 1.1e15 / 4096)
+# 1.1 PB/s, about 270 GB/s per chip. libtpu 0.0.42.1 lets a program use 30.75 GiB of the 32
+# ("exceeds available HBM (30.75G)" in its out-of-memory errors).
+TPU_V4 = ChipSpec("TPU v4", 32 * 2**30, int(30.75 * 2**30), 275e12, 1.2e12, 1.1e15 / 4096)
 
 # Chips -> the slice's 3D shape (Cloud TPU's v4 topologies).
 _V4_SHAPES = {

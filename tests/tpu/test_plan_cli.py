@@ -46,6 +46,17 @@ def test_bad_partitioning_is_exit_2_with_the_fix(argv, message, capsys):
     assert err.startswith("error: ") and message in err, err
 
 
+def test_the_compilers_out_of_memory_verdict_is_exit_2(capsys):
+    # A 1M-token vocabulary: the logits and their gradient need about 60 GiB per chip.
+    argv = [*TINY, "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 128}",
+            "--gin.BATCH_SIZE=512", "--gin.NUM_EMBEDDINGS=1000000", "--topology=v4-8",
+            "--no_eval"]
+    assert plan.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: Does not fit on v4-8") and "exceeds available HBM" in err
+    assert "NUM_MICROBATCHES" in err
+
+
 def test_what_overflows_is_named():
     report = {
         "parameter_bytes": 2 * plan.GiB, "optimizer_state_bytes": 1 * plan.GiB,
@@ -53,7 +64,7 @@ def test_what_overflows_is_named():
     }
     chip = plan.tpu_topology.TPU_V4
     message = str(plan._overflow_error(report, "v4-8", chip))
-    assert "43.00 GiB per chip" in message and "32 GiB" in message
+    assert "43.00 GiB per chip" in message and "30.75 GiB" in message
     assert "The largest is temporaries" in message and "NUM_MICROBATCHES" in message
     report["parameter_bytes"] = 50 * plan.GiB
     assert "The largest is parameters" in str(plan._overflow_error(report, "v4-8", chip))

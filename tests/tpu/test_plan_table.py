@@ -1,12 +1,14 @@
 """`python -m moe.plan_table`: the search order, the parent's bookkeeping of its workers, and the
 markdown rows, on fake workers and fake reports (no TPU compile here)."""
 
+import json
 import sys
 
 import gin
 import pytest
 
 from moe import gin_cli, plan_table, tpu_topology
+from moe.plan_table import Candidate
 
 
 def test_expert_partitions_follow_the_recommended_rule():
@@ -40,7 +42,7 @@ def test_model_partitions_are_raised_only_when_the_parameters_do_not_fit():
     # Temporaries overflowed with 1 GiB of parameters: the rest of v4-8 is skipped, v4-16 not.
     after = plan_table._after(rest, {"candidate": first.to_json(), "held_bytes": 2**30})
     assert [c.model for c in after if c.slice_name == "v4-8"] == [2, 4]
-    assert all("temporaries overflow" in c.skip for c in after if c.slice_name == "v4-8")
+    assert all("the rest is temporaries" in c.skip for c in after if c.slice_name == "v4-8")
     assert all(c.skip is None for c in after if c.slice_name == "v4-16")
     # Parameters take most of the chip: model partitions are raised.
     assert plan_table._after(rest, {"candidate": first.to_json(), "held_bytes": hbm}) == rest
@@ -135,7 +137,7 @@ def _report(step_s=0.5, peak=8 * 2**30):
         "mesh": {"data": 2, "expert": 8, "model": 1}, "batch_size": 256,
         "task_feature_lengths": {"inputs": 512, "targets": 114},
         "total_parameters": 7_400_000_000, "parameter_bytes": 3 * 2**30,
-        "optimizer_state_bytes": 2**28,
+        "optimizer_state_bytes": 2**24,
         "steps": {"train": {"peak_bytes": peak, "flops": 2.5e13, "compile_s": 41.6,
                             "roofline": {"step_s": step_s, "flop_utilization": 0.25}}},
     }
@@ -154,8 +156,8 @@ def test_row_of_a_fitting_model():
     got = dict(zip(plan_table.COLUMNS, cells, strict=True))
     assert got["parameters"] == "7.40B" and got["slice"] == "v4-32"
     assert got["mesh (data, expert, model)"] == "(2, 8, 1)"
-    assert got["params / chip"] == "3.00 GiB" and got["optimizer / chip"] == "0.25 GiB"
-    assert got["peak / chip (of 32 GiB)"] == "8.00 GiB (25%)"
+    assert got["params / chip"] == "3.00 GiB" and got["optimizer / chip"] == "16.0 MiB"
+    assert got["peak / chip (of 30.75 GiB usable)"] == "8.00 GiB (26%)"
     assert got["TFLOP / step / chip"] == "25" and got["FLOP util."] == "25%"
     # 256 x (512 + 114) tokens in 0.5 s.
     assert got["est. tokens/s"] == f"{256 * 626 * 2:,}"
@@ -190,3 +192,36 @@ def test_every_model_gin_takes_the_table_bindings(spec):
     lengths = model.feature_converter_cls(pack=True).get_model_feature_lengths(
         dict(spec.feature_lengths))
     assert all(length > 0 for length in lengths.values())
+
+
+def test_table_from_earlier_runs_lists_unfinished_models(tmp_path):
+    row = {"config": "switch_base", "title": "Switch-Base-128", "gin_file": "g", "batch_size": 256,
+           "feature_lengths": {"inputs": 512, "targets": 114}, "published": "not published here",
+           "scan_layers": False, "status": "fits", "reason": None, "report": _report(),
+           "search_s": 12.0, "attempts": [
+               {"candidate": Candidate("v4-8", 4, 1, 4).to_json(), "status": "does_not_fit",
+                "reason": "RESOURCE_EXHAUSTED: 33G"},
+               {"candidate": Candidate("v4-32", 16, 1, 8).to_json(), "status": "fits"}]}
+    run = tmp_path / "a.json"
+    run.write_text(json.dumps({"made": "today", "machine": "here", "command": "python -m x",
+                               "rows": [row]}))
+    out = tmp_path / "plan.md"
+    assert plan_table.main([f"--from_json={run}", f"--output={out}",
+                            "--configs=switch_base,switch_xxl"]) == 0
+    text = out.read_text()
+    table = [line for line in text.splitlines() if line.startswith("| Switch")]
+    assert len(table) == 2 and "| v4-32 |" in table[0]
+    assert "not finished" in table[1] and "did not finish" in table[1]
+    assert "v4-8 (data 1, expert 4, model 1): does not fit: RESOURCE_EXHAUSTED: 33G" in text
+    assert "python -m x" in text and "Made today on here" in text
+    assert f"python -m moe.plan_table --output={out} --configs=switch_base,switch_xxl" in text
+
+
+def test_search_from_a_start_slice_lists_the_smaller_ones_as_not_tried(fake_worker):
+    todo = plan_table.candidates(SPEC.num_experts, SPEC.batch_size)
+    v4_16 = next(c for c in todo if c.slice_name == "v4-16")
+    seen = fake_worker([[_entry(v4_16, "compiling"), _entry(v4_16, "fits", report=_report())]])
+    row = plan_table.search(SPEC, timeout_s=60, log=lambda _: None, start_slice="v4-16")
+    assert seen[0][0] == "v4-16:1"
+    assert [a["status"] for a in row["attempts"]] == ["not_tried"] * 3 + ["fits"]
+    assert "(smaller: undecided, see below)" in plan_table.format_row(row)
