@@ -25,6 +25,23 @@ def test_benchmark_writes_table_rows_and_json(tmp_path, capsys):
     assert "x dense" in capsys.readouterr().out
 
 
+def test_memory_bound_limit_of_many_experts(tmp_path):
+    """The limit is max(dense step, 2 x expert weight bytes / bandwidth): with a slow memory
+    (1 MB/s given on the command line) the 64 experts' weights decide it."""
+    out = tmp_path / "bench.json"
+    moe_layer.main([
+        "--experts", "64", "--routers", "top1", "--dispatches", "index", "--batch", "2",
+        "--length", "16", "--d_model", "8", "--d_ff", "16", "--group_size", "16",
+        "--steps", "1", "--warmup", "1", "--memory_bandwidth", "1e6", "--json", str(out),
+    ])
+    dense, top1 = json.loads(out.read_text())["rows"]
+    weights = 64 * (8 * 16 + 16 * 8) * 4  # relu: wi and wo, float32
+    assert dense["expert_weight_bytes"] == weights
+    assert dense["memory_bound_s"] == pytest.approx(2 * weights / 1e6)
+    assert dense["limit_s"] == max(dense["median_step_s"], dense["memory_bound_s"])
+    assert top1["fraction_of_limit"] == pytest.approx(dense["limit_s"] / top1["median_step_s"])
+
+
 def test_benchmark_rejects_unknown_router():
     with pytest.raises(SystemExit):
         moe_layer.parse_args(["--routers", "top7"])

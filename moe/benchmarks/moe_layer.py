@@ -127,15 +127,45 @@ def time_step(
     }
 
 
+def memory_bandwidth(num_bytes: int = 2**29, steps: int = 5) -> float:
+    """Bytes per second this machine's backend reads plus writes, from the median time of
+    `y = x * c` over a float32 array of `num_bytes` (read once, written once)."""
+    x = jnp.ones((num_bytes // 4,), jnp.float32)
+    scale = jax.jit(lambda a: a * 1.0001)
+    jax.block_until_ready(scale(x))
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(scale(x))
+        times.append(time.perf_counter() - start)
+    return 2 * num_bytes / statistics.median(times)
+
+
+def memory_bound(expert_weight_bytes: int, bandwidth: float) -> float:
+    """Seconds a training step needs at least to read the expert weights once and write their
+    gradients once (what no dispatch can avoid, whatever its FLOPs)."""
+    return 2 * expert_weight_bytes / bandwidth
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     dtype = jnp.dtype(args.dtype)
     x = jax.random.normal(jax.random.key(0), (args.batch, args.length, args.d_model), dtype)
+    if args.memory_bandwidth is None:
+        args.memory_bandwidth = memory_bandwidth()
     rows = []
     for num_experts in args.experts:
         specs = router_specs(args.capacity_factor, args.group_size, num_experts)
         dense = DenseFfn(args.d_ff, args.activation, dtype)
         dense_params = dense.init(jax.random.key(1), x)["params"]
         reference = time_step(_dense_objective(dense), dense_params, x, args.steps, args.warmup)
+        # The limit of a layer with the dense FFN's FLOPs (top-1): the dense step, or reading
+        # and writing the experts' weights once, whichever is longer.
+        weight_bytes = num_experts * sum(
+            a.size * a.dtype.itemsize for a in jax.tree.leaves(dense_params))
+        bound = memory_bound(weight_bytes, args.memory_bandwidth)
+        limit = max(reference["median_step_s"], bound)
+        reference = {**reference, "expert_weight_bytes": weight_bytes, "memory_bound_s": bound,
+                     "limit_s": limit}
         rows.append({"experts": num_experts, "router": "dense", "dispatch": "-", **reference})
         _print_row(rows[-1], reference)
         for router in args.routers:
@@ -145,8 +175,6 @@ def run(args: argparse.Namespace) -> list[dict]:
                     continue  # e.g. no dropless for expert choice, mask only for Soft MoE
                 if dispatch == "dropless" and router == "top2_flaxformer_capacity":
                     continue  # no capacity in dropless: identical to top2
-                if dispatch == "dropless" and num_experts > args.dropless_max_experts:
-                    continue  # XLA:CPU computes ragged_dot densely over all E groups
                 layer = MoeLayer(
                     num_experts,
                     args.d_ff,
@@ -161,6 +189,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 result = time_step(objective, variables["params"], x, args.steps, args.warmup)
                 capacity = spec.capacity(args.group_size, num_experts, deterministic=False)
                 result["ratio_to_dense"] = reference["median_step_s"] / result["median_step_s"]
+                result["fraction_of_limit"] = limit / result["median_step_s"]
                 rows.append(
                     {
                         "experts": num_experts,
@@ -176,18 +205,23 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 _HEADER = (
     f"{'E':>4} {'router':<26} {'dispatch':<9} {'C':>5} {'median ms':>10} {'tok/s':>9} "
-    f"{'x dense':>8} {'compile s':>9}"
+    f"{'x dense':>8} {'of limit':>8} {'compile s':>9}"
 )
 
 
 def _print_row(row: dict, reference: dict) -> None:
     ratio = reference["median_step_s"] / row["median_step_s"]
+    of_limit = reference["limit_s"] / row["median_step_s"]
     print(
         f"{row['experts']:>4} {row['router']:<26} {row['dispatch']:<9} "
         f"{row.get('capacity', '-')!s:>5} {1e3 * row['median_step_s']:>10.1f} "
-        f"{row['tokens_per_s']:>9.0f} {ratio:>8.2f} {row['compile_s']:>9.2f}",
+        f"{row['tokens_per_s']:>9.0f} {ratio:>8.2f} {of_limit:>8.2f} {row['compile_s']:>9.2f}",
         flush=True,
     )
+    if row["router"] == "dense":
+        print(f"{'':>4} limit: experts' weights {reference['expert_weight_bytes'] / 2**20:.0f} "
+              f"MiB read + gradients written >= {1e3 * reference['memory_bound_s']:.1f} ms; "
+              f"max(dense, that) = {1e3 * reference['limit_s']:.1f} ms", flush=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -205,14 +239,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--activation", default="relu")
     parser.add_argument("--capacity_factor", type=float, default=1.0)
     parser.add_argument("--group_size", type=int, default=512)
-    parser.add_argument(
-        "--dropless_max_experts",
-        type=int,
-        default=8 if jax.default_backend() == "cpu" else 1 << 30,
-        help="skip dropless above this E (on CPU ragged_dot costs E times a dense matmul)",
-    )
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="activation dtype of the layer and the dense FFN (params float32)")
+    parser.add_argument("--memory_bandwidth", type=float, default=None,
+                        help="bytes/s for the memory-bound limit (default: measured here)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args(argv)
@@ -231,12 +261,17 @@ def main(argv: list[str] | None = None) -> None:
           f"({os.cpu_count()} CPUs), d_model {args.d_model}, d_ff {args.d_ff}, "
           f"{args.batch}x{args.length} tokens, cf {args.capacity_factor}, "
           f"group {args.group_size}, {args.activation}, {args.dtype}")
+    if args.memory_bandwidth is None:
+        args.memory_bandwidth = memory_bandwidth()
+    print(f"memory bandwidth (read + write of 512 MiB): {args.memory_bandwidth / 1e9:.1f} GB/s; "
+          "of limit: max(dense step, 2 x expert weight bytes / bandwidth) / step time")
     print(_HEADER)
     rows = run(args)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         meta = {
-            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                       if k != "bandwidth"},
             "platform": jax.devices()[0].platform,
             "device_kind": jax.devices()[0].device_kind,
             "cpu_count": os.cpu_count(),
