@@ -14,6 +14,9 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# No test writes to the persistent compilation cache in ~/.cache/moe: the tests of
+# moe.compilation_cache turn it on in directories of their own.
+os.environ.setdefault("MOE_COMPILATION_CACHE_DIR", "off")
 
 import gin  # after the environment above (nothing here may import JAX first)
 import pytest
@@ -25,3 +28,12 @@ def clean_gin():
     gin.clear_config()
     yield
     gin.clear_config()
+
+
+@pytest.fixture
+def local_cwd(tmp_path, monkeypatch):
+    """An empty working directory: a URL written as a local path would land in it."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    return cwd

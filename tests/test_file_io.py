@@ -13,15 +13,6 @@ from moe import file_io, gin_cli
 from moe.interop import t5x_gin
 
 
-@pytest.fixture
-def local_cwd(tmp_path, monkeypatch):
-    """An empty working directory: a URL written as a local path would land in it."""
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
-    return cwd
-
-
 def ram_root() -> str:
     """A fresh folder of the process-wide in-memory filesystem."""
     return f"ram://file_io_{uuid.uuid4().hex}"

@@ -8,7 +8,6 @@ keeps them in the bucket (`moe.checkpoint_sources.absolute_path`)."""
 import io
 import json
 import os
-import uuid
 
 import flax.linen as nn
 import gin
@@ -22,6 +21,7 @@ from moe import checkpoints, convert, data, evaluation, file_io, infer, logits, 
 from moe import eval as moe_eval
 from moe.experiments import report
 from tests.experiments.test_claims import layer, results, run
+from tests.test_file_io import ram_root
 from tests.trainer.toy import TOY_TASK, VOCAB, ToyModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,24 +60,11 @@ class PredictingToyModel(ToyModel):
         return jnp.take_along_axis(log_probs, targets, -1)[..., 0].sum(-1)
 
 
-@pytest.fixture
-def local_cwd(tmp_path, monkeypatch):
-    """An empty working directory: a URL written as a local path would land in it."""
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
-    return cwd
-
-
 @pytest.fixture(autouse=True)
 def _clean_gin():
     gin.clear_config()
     yield
     gin.clear_config()
-
-
-def ram_root() -> str:
-    return f"ram://entry_points_{uuid.uuid4().hex}"
 
 
 def _local_checkpoints(monkeypatch, folder) -> list[str]:
