@@ -297,6 +297,11 @@ class TransformerStack(nn.Module):
 
     def _scanned(self, x: jax.Array, inputs: LayerInputs, mode: LayerMode) -> jax.Array:
         period = scan_period(self.layers_sparse)
+        if any(self.layers_sparse):
+            # A sparse layer's output is float32 (the router's combine weights are), which the
+            # residual takes on from there as in the unrolled stack; a scan's carry keeps one
+            # dtype, so it starts in float32.
+            x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
         block_cls = nn.remat(_LayerBlock, prevent_cse=False) if self.config.remat else _LayerBlock
         scanned = nn.scan(
             block_cls,

@@ -299,3 +299,18 @@ def test_scanned_layers_equal_unrolled_layers():
     shardings = Partitioner(num_expert_partitions=4).get_shardings(boxed["params"])
     expert = shardings["encoder"]["scanned_blocks"]["layers_1"]["mlp"]["expert"]["wi_0"]
     assert expert.spec == P(None, "expert", None, "model")
+
+
+def test_scanned_sparse_stack_runs_in_bfloat16_like_the_unrolled_one():
+    """A sparse layer's output is float32 (its combine is), so the unrolled stack's residual
+    becomes float32 after it; the scanned stack's carry starts in float32 to match (a scan
+    carry cannot change dtype). Both give the same loss up to bfloat16 rounding."""
+    sizes = dict(num_encoder_layers=2, num_decoder_layers=2, num_sparse=1, dtype="bfloat16")
+    plain = encdec_model(tiny_config(**sizes))
+    scanned = encdec_model(tiny_config(scan_layers=True, **sizes))
+    batch = encdec_batch()
+    scanned_params = init_params(scanned, batch)
+    loss, _ = jit_loss(scanned)(scanned_params, batch)
+    plain_loss, _ = jit_loss(plain)(_unscan(scanned_params), batch)
+    assert np.isfinite(loss)
+    np.testing.assert_allclose(loss, plain_loss, rtol=2e-2)
