@@ -1,7 +1,8 @@
 """The TPU v4 plan table of the published models: `python -m moe.plan_table`.
 
     python -m moe.plan_table --output=docs/tpu_plan.md [--json=docs/tpu_plan.json] \
-        [--configs=switch_base,st_moe_32b] [--scan_layers=switch_xxl] [--timeout_s=600]
+        [--configs=switch_base,st_moe_32b] [--scan_layers=switch_xxl] [--timeout_s=600] \
+        [--start_slice=v4-64] [--end_slice=v4-1024] [--from_json=a.json,b.json]
 
 For each model (`CONFIGS`) at its pretraining shapes, in bfloat16 activations, this finds the
 smallest TPU v4 slice its train step fits on with the partitioning `tpu_scripts/README.md`
@@ -9,6 +10,24 @@ recommends: NUM_EXPERT_PARTITIONS = min(NUM_EXPERTS, chips / NUM_MODEL_PARTITION
 NUM_MODEL_PARTITIONS = 1, raised to 2 then 4 only when it does not fit. Each plan is
 `moe.plan`'s: the real train step compiled ahead of time by the TPU compiler (libtpu), with
 its memory, FLOPs, collectives and roofline step time per chip.
+
+Search order, per slice from the smallest: the model partitions 1, 2, 4 (2 and 4 only when
+the parameters and optimizer state take more than half a chip at 1); then, at each model
+partition compiled on the slice, in the same order, its activation-memory savers, cheapest first:
+`TransformerConfig.remat = True`, then remat with NUM_MICROBATCHES 2, 4, 8 (a microbatch not a
+multiple of the batch shards is skipped). Only then the next slice: a bigger slice costs
+chips, a saver costs step time. For an MoE model whose gin GROUP_SIZE gives some stack a
+group count the batch shards (data x expert) cannot split evenly, the candidate carries the
+largest GROUP_SIZE below it that splits (`split_group_size`): uneven groups make XLA gather the
+layer's tokens, which is what made the temporaries grow with the data axis.
+
+Scanned layers (`--scan_layers`) compile one block per stack instead of every layer (0.5-3
+minutes per candidate instead of 5-8 for the big models on a 2-core host). The compiler's cost
+analysis then counts the loop body once, as it does a microbatch: the FLOPs, step time,
+utilization and tokens/s of such a row are marked per loop body (†), not scaled, since what
+lies outside the loops (embeddings, logits, optimizer) is counted once either way and cannot
+be told apart from the totals.
+Memory figures are the whole step's.
 
 Why subprocesses: gin's configuration is global, and a compile of a big model on a small host
 can take longer than one is willing to wait. A worker process (`--worker`, this module again)
@@ -37,7 +56,9 @@ import dataclasses
 import datetime
 import importlib.metadata
 import json
+import math
 import platform
+import re
 import shlex
 import signal
 import subprocess
@@ -53,6 +74,8 @@ GiB = 2**30
 MODEL_PARTITIONS = (1, 2, 4)
 NOT_PUBLISHED = "not published here"
 SCAN_BINDING = "TransformerConfig.scan_layers = True"
+REMAT_BINDING = "TransformerConfig.remat = True"
+MICROBATCHES = (2, 4, 8)
 ENCODER_DECODER_LENGTHS = {"inputs": 512, "targets": 114}
 DECODER_ONLY_LENGTHS = {"targets": 1024}
 
@@ -68,12 +91,17 @@ class ModelSpec:
     feature_lengths: Mapping[str, int]
     batch_size: int = 256
     published: str = NOT_PUBLISHED
+    group_size: int = 4096  # the model gin's GROUP_SIZE (a test checks it)
 
     def bindings(self, expert_partitions: int, model_partitions: int,
-                 scan_layers: bool = False) -> list[str]:
+                 scan_layers: bool = False, remat: bool = False, microbatches: int = 1,
+                 group_size: int | None = None) -> list[str]:
         """The gin bindings of one candidate (with `runs/pretrain.gin` after the model gin)."""
         from moe.plan import UNUSED_MACROS
 
+        savers = [*([REMAT_BINDING] if remat else []),
+                  *([f"NUM_MICROBATCHES = {microbatches}"] if microbatches > 1 else []),
+                  *([f"GROUP_SIZE = {group_size}"] if group_size else [])]
         bindings = [
             "ACTIVATION_DTYPE = 'bfloat16'",
             f"TASK_FEATURE_LENGTHS = {dict(self.feature_lengths)!r}",
@@ -82,14 +110,18 @@ class ModelSpec:
             f"NUM_MODEL_PARTITIONS = {model_partitions}",
             *(f"{macro} = {value!r}" for macro, value in UNUSED_MACROS.items()),
         ]
-        return [*bindings, SCAN_BINDING] if scan_layers else bindings
+        return [*bindings, *savers, *([SCAN_BINDING] if scan_layers else [])]
+
+    def stack_lengths(self) -> tuple[int, ...]:
+        """The sequence length each MoE stack sees (encoder inputs, decoder targets)."""
+        return tuple(self.feature_lengths.values())
 
 
 CONFIGS = (
     ModelSpec("t5_1_1_base", "T5.1.1-Base (dense)", "models/t5_1_1_base.gin", None,
               ENCODER_DECODER_LENGTHS),
     ModelSpec("switch_base", "Switch-Base-128", "models/switch_base.gin", 128,
-              ENCODER_DECODER_LENGTHS),
+              ENCODER_DECODER_LENGTHS, group_size=8192),
     ModelSpec("switch_large", "Switch-Large-128", "models/switch_large.gin", 128,
               ENCODER_DECODER_LENGTHS),
     ModelSpec("switch_xxl", "Switch-XXL", "models/switch_xxl.gin", 128,
@@ -114,14 +146,26 @@ class Candidate:
     model: int
     expert: int
     skip: str | None = None
+    remat: bool = False
+    microbatches: int = 1
+    group_size: int | None = None  # None: the model gin's GROUP_SIZE
 
     @property
     def data(self) -> int:
         return self.chips // (self.model * self.expert)
 
     @property
+    def saver(self) -> bool:
+        """Whether this candidate trades compute for activation memory (remat, microbatches)."""
+        return self.remat or self.microbatches > 1
+
+    @property
     def label(self) -> str:
-        return f"{self.slice_name} (data {self.data}, expert {self.expert}, model {self.model})"
+        extra = [*(["remat"] if self.remat else []),
+                 *([f"{self.microbatches} microbatches"] if self.microbatches > 1 else []),
+                 *([f"GROUP_SIZE {self.group_size}"] if self.group_size else [])]
+        return (f"{self.slice_name} (data {self.data}, expert {self.expert}, model {self.model}"
+                + "".join(f", {e}" for e in extra) + ")")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -137,26 +181,68 @@ def expert_partitions(num_experts: int | None, devices: int) -> int:
                if devices % d == 0 and num_experts % d == 0)
 
 
+def _groups(tokens: int, group_size: int, expert: int) -> int:
+    """The MoE layer's group count ('fewest' formula, `moe_layer.group_shape`)."""
+    return math.ceil(math.ceil(tokens / group_size) / expert) * expert
+
+
+def split_group_size(stack_tokens: Sequence[int], default: int, expert: int,
+                     shards: int) -> int | None:
+    """None when the model gin's GROUP_SIZE `default` already gives every MoE stack (tokens
+    per microbatch each) a group count that the mesh's batch shards (data x expert) split
+    evenly; else the group sizes of the largest GROUP_SIZE below it that does, written as the
+    tokens per group they give (e.g. 2048 rather than 4095 for 64 x 4096 tokens on 128 batch
+    shards: the same groups). Uneven groups make XLA gather the layer's tokens across devices
+    (the MoE layer warns), which is what made the temporaries of a wide data axis grow."""
+    def splits(size: int) -> bool:
+        return all(_groups(n, size, expert) % shards == 0 for n in stack_tokens)
+
+    if splits(default):
+        return None
+    size = next((s for s in range(default - 1, 0, -1) if splits(s)), None)
+    if size is None:
+        return None
+    tokens = max(math.ceil(n / _groups(n, size, expert)) for n in stack_tokens)
+    same = all(_groups(n, tokens, expert) == _groups(n, size, expert) for n in stack_tokens)
+    return tokens if same else size
+
+
 def candidates(num_experts: int | None, batch_size: int,
                slices: Sequence[str] | None = None,
-               model_partitions: Sequence[int] = MODEL_PARTITIONS) -> list[Candidate]:
-    """Every (slice, NUM_MODEL_PARTITIONS) in search order: slices from the smallest, and on
-    each slice the model partitions in the order they are raised. A candidate whose batch
-    shards (data x expert = chips / model) do not divide the batch is kept with its `skip`
-    reason: the table says the slice was passed over rather than silently leaving it out."""
+               model_partitions: Sequence[int] = MODEL_PARTITIONS,
+               stack_lengths: Sequence[int] = (), group_size: int = 4096,
+               savers: bool = True) -> list[Candidate]:
+    """Every candidate in search order: slices from the smallest; on each slice the model
+    partitions in the order they are raised, then (`savers`) the activation-memory savers per
+    model partition: remat, then remat with NUM_MICROBATCHES 2, 4, 8 (`_after` keeps those of
+    the model partitions compiled on the slice). A candidate whose batch (or microbatch)
+    is not a multiple of its batch shards (data x expert = chips / model) is kept with its
+    `skip` reason: the table says it was passed over rather than silently leaving it out. For
+    an MoE model with `stack_lengths`, GROUP_SIZE is lowered where the gin's would give group
+    counts the batch shards cannot split (`split_group_size`)."""
+    variants = [(False, 1)] + ([(True, 1), *((True, m) for m in MICROBATCHES)] if savers else [])
     found = []
     for name in slices or tpu_topology.known_slices():
         chips = tpu_topology.parse_slice(name).chips
+        plain, saving = [], []
         for model in model_partitions:
             if chips % model:
                 continue
             expert = expert_partitions(num_experts, chips // model)
             shards = chips // model
-            skip = None
-            if batch_size % shards:
-                skip = (f"BATCH_SIZE {batch_size} is not a multiple of its {shards} batch "
-                        "shards (data x expert)")
-            found.append(Candidate(name, chips, model, expert, skip))
+            for remat, micro in variants:
+                skip, size = None, None
+                if (batch_size // micro) % shards or batch_size % micro:
+                    what = (f"BATCH_SIZE {batch_size}" if micro == 1 else f"the microbatch of "
+                            f"{batch_size // micro} (BATCH_SIZE {batch_size} / {micro})")
+                    skip = (f"{what} is not a multiple of its {shards} batch shards "
+                            "(data x expert)")
+                elif num_experts and stack_lengths:
+                    size = split_group_size([batch_size // micro * n for n in stack_lengths],
+                                            group_size, expert, shards)
+                cand = Candidate(name, chips, model, expert, skip, remat, micro, size)
+                (saving if cand.saver else plain).append(cand)
+        found += plain + saving
     return found
 
 
@@ -173,6 +259,9 @@ def _record(path: str, **entry: Any) -> None:
 def _out_of_memory(error: Exception) -> str | None:
     """The TPU compiler's own out-of-memory message, if `error` is one (else None)."""
     text = str(error)
+    verdict = re.search(r"RESOURCE_EXHAUSTED[^\n]*?exceeds available HBM \([\d.]+G\)", text)
+    if verdict:
+        return verdict.group(0)
     if "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text:
         return text.strip().splitlines()[0]
     return None
@@ -188,10 +277,14 @@ def run_worker(spec: ModelSpec, todo: Sequence[Candidate], result_path: str,
     from moe import gin_cli, plan
 
     total_bytes = None
+    too_big: dict[tuple[int, int], str] = {}  # (chips, model) -> why: the savers do not help
     for cand in todo:
         base = {"candidate": cand.to_json()}
         if cand.skip:
             _record(result_path, **base, status="skipped", reason=cand.skip)
+            continue
+        if (cand.chips, cand.model) in too_big:
+            _record(result_path, **base, status="too_big", reason=too_big[cand.chips, cand.model])
             continue
         if total_bytes is not None and total_bytes / cand.chips > tpu_topology.TPU_V4.hbm_bytes:
             _record(result_path, **base, status="too_big", reason=(
@@ -201,7 +294,8 @@ def run_worker(spec: ModelSpec, todo: Sequence[Candidate], result_path: str,
         gin.clear_config()
         try:
             gin_cli.parse_gin([spec.gin_file, "runs/pretrain.gin"],
-                              spec.bindings(cand.expert, cand.model, scan_layers))
+                              spec.bindings(cand.expert, cand.model, scan_layers, cand.remat,
+                                            cand.microbatches, cand.group_size))
             trainer, data = plan.build_trainer(cand.slice_name)
         except ConfigurationError as e:  # a gin or mesh the model cannot be built with
             _record(result_path, **base, status="error", reason=str(e).splitlines()[0])
@@ -210,8 +304,9 @@ def run_worker(spec: ModelSpec, todo: Sequence[Candidate], result_path: str,
         total_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state["params"]))
         held = plan._shard_bytes(state["params"]) + plan._shard_bytes(state["opt_state"])
         if held > tpu_topology.TPU_V4.hbm_bytes:
-            _record(result_path, **base, status="too_big", reason=(
-                f"parameters + optimizer state alone are {held / GiB:.1f} GiB per chip"))
+            too_big[cand.chips, cand.model] = (
+                f"parameters + optimizer state alone are {held / GiB:.1f} GiB per chip")
+            _record(result_path, **base, status="too_big", reason=too_big[cand.chips, cand.model])
             continue
         base["held_bytes"] = held
         _record(result_path, **base, status="compiling")
@@ -253,15 +348,17 @@ def _worker_command(spec: ModelSpec, todo: Sequence[Candidate], result_path: str
 def search(spec: ModelSpec, timeout_s: float, scan_layers: bool = False,
            log: Callable[[str], None] = print, max_timeouts: int = 2,
            progress: Callable[[dict[str, Any]], None] | None = None,
-           start_slice: str | None = None) -> dict[str, Any]:
-    """The smallest fitting candidate of `spec`, with every attempt before it.
+           start_slice: str | None = None, end_slice: str | None = None) -> dict[str, Any]:
+    """The smallest fitting candidate of `spec`, with every attempt before it (among the slices
+    from `start_slice` to `end_slice`, when given).
 
     A compile that runs past `timeout_s` is killed and listed as a timeout (that candidate is
     undecided; so is one whose worker was killed, e.g. by the host running out of memory) and
     the search goes on with the next one, bigger slices compiling faster when memory is less
     tight; after `max_timeouts` of them the model is given up.
     """
-    todo = candidates(spec.num_experts, spec.batch_size)
+    todo = candidates(spec.num_experts, spec.batch_size, stack_lengths=spec.stack_lengths(),
+                      group_size=spec.group_size)
     attempts: list[dict[str, Any]] = []
     if start_slice:  # smaller slices listed as not tried, so the row does not claim them
         first = tpu_topology.known_slices().index(tpu_topology.parse_slice(start_slice).name)
@@ -270,6 +367,9 @@ def search(spec: ModelSpec, timeout_s: float, scan_layers: bool = False,
                       "reason": f"the search was started at {start_slice} (--start_slice)"}
                      for c in passed]
         todo = todo[len(passed):]
+    if end_slice:
+        last = tpu_topology.known_slices().index(tpu_topology.parse_slice(end_slice).name)
+        todo = [c for c in todo if c.slice_name in tpu_topology.known_slices()[:last + 1]]
     started = time.perf_counter()
     timeouts = 0
     while todo:
@@ -324,24 +424,28 @@ def search(spec: ModelSpec, timeout_s: float, scan_layers: bool = False,
                            last.get("reason"))
         todo = _after(todo[len(done):], last)
     return _result(spec, "no_fit", attempts, started, scan_layers,
-                   f"no v4 slice up to {tpu_topology.known_slices()[-1]} fits with "
+                   f"no v4 slice up to {end_slice or tpu_topology.known_slices()[-1]} fits with "
                    f"NUM_MODEL_PARTITIONS <= {MODEL_PARTITIONS[-1]} at BATCH_SIZE "
                    f"{spec.batch_size}")
 
 
 def _after(todo: list[Candidate], failed: Mapping[str, Any]) -> list[Candidate]:
-    """`todo`, with the rest of the failed (or timed-out) candidate's slice skipped when raising
-    NUM_MODEL_PARTITIONS is not what tpu_scripts/README.md calls for: it is raised only when a
-    chip cannot hold its parameters and optimizer state, not when the temporaries overflow
-    (more model partitions then mean fewer batch shards, so more tokens per chip)."""
-    cand, held = failed["candidate"], failed.get("held_bytes")
-    if held is None or cand["model"] != 1 or held > tpu_topology.TPU_V4.hbm_bytes / 2:
+    """`todo` after a compiled candidate failed (or timed out), with skips added on its slice.
+
+    NUM_MODEL_PARTITIONS is raised as tpu_scripts/README.md calls for: only when a chip cannot
+    hold its parameters and optimizer state, not when the temporaries overflow (more model
+    partitions then mean fewer batch shards, so more tokens per chip). The activation-memory
+    savers (remat, microbatches) of a model partition are tried when its plain candidate was
+    compiled: those of the model partitions not raised to are skipped with them (those of one
+    too big for its parameters are rejected as too big by the worker)."""
+    cand, held = Candidate(**failed["candidate"]), failed.get("held_bytes")
+    if held is None or cand.saver or cand.model != 1 or held > tpu_topology.TPU_V4.hbm_bytes / 2:
         return todo
     reason = (f"not tried: with NUM_MODEL_PARTITIONS = 1 the parameters and optimizer state "
               f"take {held / GiB:.1f} GiB per chip (the rest is temporaries), and the model "
               "partitions are raised only when those do not fit")
-    return [dataclasses.replace(c, skip=c.skip or reason)
-            if c.slice_name == cand["slice_name"] else c for c in todo]
+    return [dataclasses.replace(c, skip=reason) if c.slice_name == cand.slice_name
+            and c.model > cand.model and not c.skip else c for c in todo]
 
 
 def _result(spec: ModelSpec, status: str, attempts: list[dict[str, Any]], started: float,
@@ -375,12 +479,32 @@ def tokens_per_step(report: Mapping[str, Any]) -> int:
     return report["batch_size"] * sum(report["task_feature_lengths"].values())
 
 
+def _closest(attempts: Sequence[Mapping[str, Any]]) -> str | None:
+    """The compiled candidate that missed by least (the TPU compiler's temporaries or the
+    step's peak, in GiB), for the row of a model that fits nowhere searched."""
+    misses = []
+    for attempt in attempts:
+        found = re.search(r"temporaries \(([\d.]+)G\)|peak is ([\d.]+) GiB",
+                          attempt.get("reason") or "")
+        if attempt["status"] == "does_not_fit" and found:
+            gib = float(found.group(1) or found.group(2))
+            what = "temporaries" if found.group(1) else "peak"
+            held = attempt.get("held_bytes")
+            misses.append((gib, f"{Candidate(**attempt['candidate']).label}, {what} {gib:g} "
+                                f"GiB > {tpu_topology.TPU_V4.usable_hbm_bytes / GiB:g}"
+                                + (f" (parameters + optimizer state alone {held / GiB:.1f} GiB "
+                                   "per chip)" if held else "")))
+    return min(misses)[1] if misses else None
+
+
 def format_row(row: Mapping[str, Any]) -> str:
     """One markdown table row for a search result (`search`'s dict)."""
     title = row["title"] + (" (scanned layers*)" if row.get("scan_layers") else "")
     report = row.get("report")
     if row["status"] != "fits" or not report:
-        cells = [title, "", row["status"].replace("_", " "), row.get("reason") or ""]
+        closest = _closest(row.get("attempts") or ())
+        reason = (row.get("reason") or "") + (f"; closest: {closest}" if closest else "")
+        cells = [title, "", row["status"].replace("_", " "), reason]
         cells += [""] * (len(COLUMNS) - len(cells) - 1) + [row["published"]]
         return "| " + " | ".join(cells) + " |"
     train = report["steps"]["train"]
@@ -389,16 +513,38 @@ def format_row(row: Mapping[str, Any]) -> str:
     mesh = report["mesh"]
     undecided = [a for a in row.get("attempts", ()) if a["status"] in ("timeout", "not_tried")]
     slice_cell = report["topology"] + (" (smaller: undecided, see below)" if undecided else "")
+    fit = Candidate(**row["attempts"][-1]["candidate"]) if row.get("attempts") else None
+    extras = [*(["remat"] if fit and fit.remat else []),
+              *([f"{fit.microbatches} microbatches"] if fit and fit.microbatches > 1 else []),
+              *([f"GROUP_SIZE {fit.group_size}"] if fit and fit.group_size else [])]
+    # A loop (scanned layers, microbatches) is counted once by the cost analysis: see the note.
+    looped = "†" if row.get("scan_layers") or (fit and fit.microbatches > 1) else ""
     cells = [
         title, _params(report["total_parameters"]), slice_cell,
-        f"({mesh['data']}, {mesh['expert']}, {mesh['model']})",
+        f"({mesh['data']}, {mesh['expert']}, {mesh['model']})"
+        + (f" {', '.join(extras)}" if extras else ""),
         _gib(report["parameter_bytes"]), _gib(report["optimizer_state_bytes"]),
         f"{_gib(train['peak_bytes'])} ({train['peak_bytes'] / chip.usable_hbm_bytes:.0%})",
-        f"{train['flops'] / 1e12:.3g}", f"{roof['step_s']:.3g}",
-        f"{roof['flop_utilization']:.0%}", f"{tokens_per_step(report) / roof['step_s']:,.0f}",
+        f"{train['flops'] / 1e12:.3g}{looped}", f"{roof['step_s']:.3g}{looped}",
+        f"{roof['flop_utilization']:.0%}{looped}",
+        f"{tokens_per_step(report) / roof['step_s']:,.0f}{looped}",
         f"{train['compile_s']:.0f}", row["published"],
     ]
     return "| " + " | ".join(cells) + " |"
+
+
+def _runs(attempts: Sequence[Mapping[str, Any]]) -> list[list[Mapping[str, Any]]]:
+    """Consecutive attempts grouped where they were passed over for the same reason (not
+    compiled: skipped, not tried, too big); each compiled one is a group of its own."""
+    runs: list[list[Mapping[str, Any]]] = []
+    for a in attempts:
+        same = runs and a["status"] in ("skipped", "not_tried", "too_big") and (
+            runs[-1][-1]["status"], runs[-1][-1].get("reason")) == (a["status"], a.get("reason"))
+        if same:
+            runs[-1].append(a)
+        else:
+            runs.append([a])
+    return runs
 
 
 def format_search(row: Mapping[str, Any]) -> str:
@@ -406,12 +552,18 @@ def format_search(row: Mapping[str, Any]) -> str:
     lines = [f"- **{row['title']}** ({row['gin_file']}, batch {row['batch_size']} x "
              f"{row['feature_lengths']}"
              + (f", search {row['search_s']:.0f} s):" if row["search_s"] else "):")]
-    for attempt in row["attempts"]:
-        label = Candidate(**attempt["candidate"]).label
-        reason = f": {attempt['reason']}" if attempt.get("reason") else ""
-        lines.append(f"  - {label}: {attempt['status'].replace('_', ' ')}{reason}")
+    for run in _runs(row["attempts"]):
+        label = Candidate(**run[0]["candidate"]).label
+        if len(run) > 1:  # e.g. every smaller slice not tried: one line
+            label = (f"{len(run)} candidates from {label} to "
+                     f"{Candidate(**run[-1]['candidate']).label}")
+        reason = f": {run[0]['reason']}" if run[0].get("reason") else ""
+        lines.append(f"  - {label}: {run[0]['status'].replace('_', ' ')}{reason}")
     if row["status"] not in ("fits",):
         lines.append(f"  - result: {row['status'].replace('_', ' ')}: {row.get('reason')}")
+    elif row["attempts"] and not any("remat" in a["candidate"] for a in row["attempts"]):
+        lines.append("  - searched before remat and microbatches were part of the search: a "
+                     "smaller slice with them was not tried")
     return "\n".join(lines)
 
 
@@ -458,7 +610,13 @@ def format_table(rows: Sequence[Mapping[str, Any]], command: str, made: str,
         f"Search: slices from v4-8 upward ({', '.join(tpu_topology.known_slices())}); on each, "
         "NUM_EXPERT_PARTITIONS = min(NUM_EXPERTS, chips / NUM_MODEL_PARTITIONS) with "
         "NUM_MODEL_PARTITIONS = 1, then 2, then 4 (tpu_scripts/README.md, section 4); the "
-        "dense model is pure data parallel. The first candidate whose train step compiles "
+        "dense model is pure data parallel. Then the activation-memory savers, at each "
+        "model partition compiled on the slice: `TransformerConfig.remat = True`, then remat "
+        "with NUM_MICROBATCHES 2, 4, 8 (each microbatch a multiple of the batch shards). For "
+        "an MoE model whose GROUP_SIZE would give a group count the batch shards (data x "
+        "expert) cannot split evenly (XLA then gathers the layer's tokens), GROUP_SIZE is "
+        "lowered to the largest value below the gin's that splits, per stack and microbatch; "
+        "the mesh cell names it. The first candidate whose train step compiles "
         "within the chip's memory is the row. A slice whose batch shards (data x expert) do "
         "not divide BATCH_SIZE is skipped (the batch is not raised). A candidate whose "
         "float32 parameters and optimizer state alone exceed 32 GiB per chip is rejected "
@@ -470,9 +628,20 @@ def format_table(rows: Sequence[Mapping[str, Any]], command: str, made: str,
         "BATCH_SIZE x (sum of the feature lengths) / estimated step time, for the whole slice.",
     ]
     if any_scanned:
-        lines += ["", "*Scanned layers (`TransformerConfig.scan_layers = True`): the compiler's "
-                  "cost analysis counts the loop body once, so TFLOP, step time, utilization "
-                  "and tokens/s of these rows are not the whole step's; memory is."]
+        lines += ["", "*Scanned layers (`TransformerConfig.scan_layers = True`): each stack "
+                  "is one `nn.scan` over its repeating block of layers, compiled once; the "
+                  "memory figures are the whole step's, for the scanned program. Without remat "
+                  "its temporaries can be well above the unrolled step's (the scan keeps every "
+                  "iteration's residuals), so a scanned candidate that does not fit is not "
+                  "proof that the unrolled one does not."]
+    if any_scanned or any(r.get("attempts") and r["status"] == "fits"
+                          and r["attempts"][-1]["candidate"].get("microbatches", 1) > 1
+                          for r in rows):
+        lines += ["", "†Per loop body, not per step: the compiler's cost analysis counts a "
+                  "loop body (the scanned block of layers, forward and backward; a microbatch) "
+                  "once, and what lies outside the loops (embeddings, logits, loss, optimizer) "
+                  "once too, so the step's FLOPs are not a fixed multiple of these and are not "
+                  "scaled here. Memory is the whole step's."]
     lines += ["", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += [format_row(r) for r in rows]
     lines += ["", "Published throughput: no paper or T5X document this repository draws on "
@@ -515,21 +684,50 @@ def _not_run(spec: ModelSpec) -> dict[str, Any]:
             "report": None, "search_s": 0.0, "attempts": []}
 
 
+def _continued(earlier: Mapping[str, Any], later: Mapping[str, Any]) -> dict[str, Any]:
+    """`later`, whose search was started at a bigger slice (--start_slice), with the attempts
+    `earlier` made on the slices it lists as not tried in their place: one search in two runs."""
+    def slice_of(attempt: Mapping[str, Any]) -> str:
+        return attempt["candidate"]["slice_name"]
+
+    skipped = {slice_of(a) for a in later["attempts"] if a["status"] == "not_tried"}
+    before = [a for a in earlier["attempts"]
+              if slice_of(a) in skipped and a["status"] != "not_tried"]
+    if not before:
+        return dict(later)
+    covered = {slice_of(a) for a in before}
+    rest = [a for a in later["attempts"]
+            if not (a["status"] == "not_tried" and slice_of(a) in covered)]
+    order = tpu_topology.known_slices()
+    attempts = sorted(before + rest, key=lambda a: order.index(slice_of(a)))  # stable
+    return {**later, "attempts": attempts,
+            "search_s": later["search_s"] + earlier["search_s"]}
+
+
 def _from_json(paths: Sequence[str], specs: Sequence[ModelSpec], output: str,
                json_path: str | None) -> int:
     """The table of earlier runs' rows (e.g. two halves of the models searched at once)."""
     from moe import file_io
 
     runs = [json.loads(file_io.read_text(p)) for p in paths]
-    rows_by_key = {row["config"]: row for run in runs for row in run["rows"]}
+    rows_by_key: dict[str, dict[str, Any]] = {}
+    for run in runs:  # a later run's row wins; it continues an earlier one's search
+        for row in run["rows"]:
+            earlier = rows_by_key.get(row["config"])
+            rows_by_key[row["config"]] = _continued(earlier, row) if earlier else row
     rows = [rows_by_key.get(s.key) or _not_run(s) for s in specs]
     made = " and ".join(sorted({run["made"] for run in runs}))
-    commands = list(dict.fromkeys(run["command"] for run in runs))
+    # A merged run stands for the runs it was merged from.
+    commands = list(dict.fromkeys(command for run in runs
+                                  for command in run.get("merged_from") or [run["command"]]))
     regenerate = "python -m moe.plan_table " + " ".join(
         [f"--output={shlex.quote(output)}"] + ([f"--json={shlex.quote(json_path)}"] if json_path
                                                else []))
     if [s.key for s in specs] != [s.key for s in CONFIGS]:
         regenerate += " --configs=" + ",".join(s.key for s in specs)
+    scanned = [row["config"] for row in rows if row.get("scan_layers")]
+    if scanned:
+        regenerate += " --scan_layers=" + ",".join(scanned)
     text = format_table(rows, regenerate, made, runs[0]["machine"], commands)
     _write(output, text)
     if json_path:
@@ -555,6 +753,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "their rows (in --configs order) without compiling anything")
     parser.add_argument("--start_slice", default=None,
                         help="start every search at this slice (smaller ones: 'not tried')")
+    parser.add_argument("--end_slice", default=None,
+                        help="end every search at this slice (a row found with it says 'no fit "
+                        "up to' it)")
     parser.add_argument("--max_timeouts", type=int, default=2,
                         help="give a model up after this many compile timeouts")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -594,7 +795,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append(search(spec, args.timeout_s, spec.key in scanned,
                            log=lambda line: print(line, flush=True),
                            max_timeouts=args.max_timeouts, progress=write,
-                           start_slice=args.start_slice))
+                           start_slice=args.start_slice, end_slice=args.end_slice))
         write()
     print(format_table(rows, command, made, made_on), flush=True)
     return 0

@@ -19,7 +19,7 @@ def test_expert_partitions_follow_the_recommended_rule():
 
 
 def test_candidates_go_up_by_slice_then_model_partitions():
-    found = plan_table.candidates(128, 256)
+    found = plan_table.candidates(128, 256, savers=False)
     order = [(c.slice_name, c.model) for c in found]
     slices = tpu_topology.known_slices()
     # Every slice from the smallest, each with 1, then 2, then 4 model partitions.
@@ -35,8 +35,45 @@ def test_candidates_go_up_by_slice_then_model_partitions():
     assert "512 batch shards" in v4_1024[1].skip and v4_1024[2].skip is None
 
 
+def test_each_slice_tries_remat_then_microbatches_before_the_next():
+    found = plan_table.candidates(64, 256)
+    v4_8 = [(c.model, c.remat, c.microbatches) for c in found if c.slice_name == "v4-8"]
+    assert v4_8 == [(1, False, 1), (2, False, 1), (4, False, 1)] + [
+        (m, True, mb) for m in (1, 2, 4) for mb in (1, 2, 4, 8)]
+    # Slices stay in order: every v4-8 candidate comes before any v4-16 one.
+    names = [c.slice_name for c in found]
+    assert names.index("v4-16") == len(v4_8)
+    for c in found:
+        micro = 256 // c.microbatches
+        # A microbatch that its batch shards cannot split is skipped, and named.
+        assert (c.skip is not None) == bool(micro % (c.chips // c.model))
+    v4_512 = [c for c in found if c.slice_name == "v4-512" and c.model == 2]
+    assert [c.skip is None for c in v4_512] == [True, True, True, False, False]
+    assert "microbatch of 64 (BATCH_SIZE 256 / 4) is not a multiple of its 128" in v4_512[3].skip
+
+
+def test_group_size_is_lowered_where_the_batch_shards_cannot_split_the_groups():
+    # 256 x 1024 tokens in groups of 4096: 64 groups, fewer than (2, 64, 1)'s 128 batch shards.
+    assert plan_table.split_group_size([256 * 1024], 4096, 64, 64) is None
+    size = plan_table.split_group_size([256 * 1024], 4096, 64, 128)
+    # The largest GROUP_SIZE that splits (4095) gives 128 groups of 2048 tokens: named 2048.
+    assert plan_table._groups(256 * 1024, 4095, 64) == 128
+    assert size == 2048 and plan_table._groups(256 * 1024, size, 64) == 128
+    # Every stack (encoder and decoder tokens) must split with the one GROUP_SIZE.
+    both = plan_table.split_group_size([256 * 512, 256 * 114], 4096, 128, 256)
+    assert all(plan_table._groups(n, both, 128) % 256 == 0 for n in (256 * 512, 256 * 114))
+    # The candidates carry it: EC 8B/64E on v4-512 with 2 data shards, not with 1.
+    spec = plan_table.CONFIG_BY_KEY["ec_8b_64e"]
+    found = plan_table.candidates(64, 256, slices=["v4-256", "v4-512"],
+                                  stack_lengths=spec.stack_lengths(), group_size=4096)
+    by_mesh = {(c.slice_name, c.data, c.model, c.microbatches): c.group_size for c in found}
+    assert by_mesh["v4-256", 1, 2, 1] is None
+    assert by_mesh["v4-256", 2, 1, 1] == size
+    assert "GROUP_SIZE" in next(c for c in found if c.group_size).label
+
+
 def test_model_partitions_are_raised_only_when_the_parameters_do_not_fit():
-    todo = plan_table.candidates(64, 256)
+    todo = plan_table.candidates(64, 256, savers=False)
     first, rest = todo[0], todo[1:]
     hbm = tpu_topology.TPU_V4.hbm_bytes
     # Temporaries overflowed with 1 GiB of parameters: the rest of v4-8 is skipped, v4-16 not.
@@ -49,6 +86,25 @@ def test_model_partitions_are_raised_only_when_the_parameters_do_not_fit():
     # A failure at 2 model partitions goes on to 4.
     at_two = {"candidate": rest[0].to_json(), "held_bytes": 1}
     assert plan_table._after(rest[1:], at_two) == rest[1:]
+
+
+def test_savers_are_tried_at_each_model_partition_compiled():
+    todo = plan_table.candidates(64, 256, slices=["v4-8", "v4-16"])
+    first, rest = todo[0], todo[1:]
+    after = plan_table._after(rest, {"candidate": first.to_json(), "held_bytes": 2**30})
+    v4_8 = [c for c in after if c.slice_name == "v4-8"]
+    # Temporaries overflowed at model 1: models 2 and 4 are skipped, savers and all; the
+    # savers at model 1 are kept in order.
+    assert all(c.skip for c in v4_8 if c.model > 1)
+    assert [(c.remat, c.microbatches) for c in v4_8 if not c.skip] == [
+        (True, 1), (True, 2), (True, 4), (True, 8)]
+    assert all(c.skip is None for c in after if c.slice_name == "v4-16")
+    # Parameters fill most of a chip: nothing skipped, models 2 and 4 and their savers follow.
+    hbm = tpu_topology.TPU_V4.hbm_bytes
+    assert plan_table._after(rest, {"candidate": first.to_json(), "held_bytes": hbm}) == rest
+    # A failed saver changes nothing: the next saver is tried.
+    saver = next(c for c in rest if c.saver)
+    assert plan_table._after(rest, {"candidate": saver.to_json(), "held_bytes": 1}) == rest
 
 
 def _entries_script(batches, sleeps):
@@ -173,6 +229,17 @@ def test_row_of_a_model_that_did_not_compile_keeps_the_columns():
     assert cells[0] == "Switch-XXL (scanned layers*)" and "did not finish" in cells[3]
 
 
+def test_row_found_with_savers_names_them_and_marks_loop_counts():
+    fit = Candidate("v4-32", 16, 1, 8, remat=True, microbatches=2, group_size=2048)
+    row = {"title": "EC", "status": "fits", "report": _report(), "published": "x",
+           "attempts": [{"candidate": fit.to_json(), "status": "fits"}]}
+    got = dict(zip(plan_table.COLUMNS, _cells(plan_table.format_row(row)), strict=True))
+    assert got["mesh (data, expert, model)"] == "(2, 8, 1) remat, 2 microbatches, GROUP_SIZE 2048"
+    # A microbatch loop is counted once: FLOPs and times are per loop body, memory is not.
+    assert got["TFLOP / step / chip"] == "25†" and got["est. step s"] == "0.5†"
+    assert got["peak / chip (of 30.75 GiB usable)"] == "8.00 GiB (26%)"
+
+
 @pytest.mark.usefixtures("clean_gin")
 @pytest.mark.parametrize("spec", plan_table.CONFIGS, ids=lambda s: s.key)
 def test_every_model_gin_takes_the_table_bindings(spec):
@@ -181,6 +248,8 @@ def test_every_model_gin_takes_the_table_bindings(spec):
     feature lengths (no model is built)."""
     gin_cli.parse_gin([spec.gin_file, "runs/pretrain.gin"], spec.bindings(4, 1))
     assert gin.query_parameter("%ACTIVATION_DTYPE") == "bfloat16"
+    if spec.num_experts:
+        assert gin.query_parameter("%GROUP_SIZE") == spec.group_size
     sparse = (gin.query_parameter("%NUM_DECODER_SPARSE_LAYERS")
               + (gin.query_parameter("%NUM_ENCODER_SPARSE_LAYERS")
                  if "decoder_only" not in spec.gin_file else 0))
@@ -192,6 +261,15 @@ def test_every_model_gin_takes_the_table_bindings(spec):
     lengths = model.feature_converter_cls(pack=True).get_model_feature_lengths(
         dict(spec.feature_lengths))
     assert all(length > 0 for length in lengths.values())
+    # The savers' bindings parse too, and take effect.
+    gin.clear_config()
+    gin_cli.parse_gin([spec.gin_file, "runs/pretrain.gin"],
+                      spec.bindings(4, 1, True, True, 4, 1024 if spec.num_experts else None))
+    assert gin.query_parameter("%NUM_MICROBATCHES") == 4
+    assert gin.query_parameter("TransformerConfig.remat") is True
+    assert gin.query_parameter("TransformerConfig.scan_layers") is True
+    if spec.num_experts:
+        assert gin.query_parameter("%GROUP_SIZE") == 1024
 
 
 def test_table_from_earlier_runs_lists_unfinished_models(tmp_path):
@@ -202,6 +280,9 @@ def test_table_from_earlier_runs_lists_unfinished_models(tmp_path):
                {"candidate": Candidate("v4-8", 4, 1, 4).to_json(), "status": "does_not_fit",
                 "reason": "RESOURCE_EXHAUSTED: 33G"},
                {"candidate": Candidate("v4-32", 16, 1, 8).to_json(), "status": "fits"}]}
+    for attempt in row["attempts"]:  # as the runs before the savers wrote them
+        for key in ("remat", "microbatches", "group_size"):
+            del attempt["candidate"][key]
     run = tmp_path / "a.json"
     run.write_text(json.dumps({"made": "today", "machine": "here", "command": "python -m x",
                                "rows": [row]}))
@@ -215,6 +296,27 @@ def test_table_from_earlier_runs_lists_unfinished_models(tmp_path):
     assert "v4-8 (data 1, expert 4, model 1): does not fit: RESOURCE_EXHAUSTED: 33G" in text
     assert "python -m x" in text and "Made today on here" in text
     assert f"python -m moe.plan_table --output={out} --configs=switch_base,switch_xxl" in text
+    # Found before the savers were searched: the listing says a smaller slice with them is open.
+    assert "searched before remat and microbatches were part of the search" in text
+
+
+def test_a_merged_table_merges_again_with_its_runs_and_newer_rows(tmp_path):
+    old = {"config": "switch_xxl", "title": "Switch-XXL", "gin_file": "g", "batch_size": 256,
+           "feature_lengths": {"targets": 1}, "published": "p", "scan_layers": False,
+           "status": "not_finished", "reason": "later", "report": None, "search_s": 0.0,
+           "attempts": []}
+    new = {**old, "status": "no_fit", "reason": "no v4 slice fits", "scan_layers": True}
+    merged, run = tmp_path / "merged.json", tmp_path / "new.json"
+    merged.write_text(json.dumps({"made": "then", "machine": "here", "command": "regen",
+                                  "merged_from": ["run a", "run b"], "rows": [old]}))
+    run.write_text(json.dumps({"made": "now", "machine": "here", "command": "run c",
+                               "rows": [new]}))
+    out = tmp_path / "plan.md"
+    assert plan_table.main([f"--from_json={merged},{run}", f"--output={out}",
+                            "--configs=switch_xxl"]) == 0
+    text = out.read_text()
+    assert "from the rows of 3 runs" in text and "run a\nrun b\nrun c" in text
+    assert "| no fit | no v4 slice fits |" in text and "not finished" not in text
 
 
 def test_search_from_a_start_slice_lists_the_smaller_ones_as_not_tried(fake_worker):
@@ -223,5 +325,47 @@ def test_search_from_a_start_slice_lists_the_smaller_ones_as_not_tried(fake_work
     seen = fake_worker([[_entry(v4_16, "compiling"), _entry(v4_16, "fits", report=_report())]])
     row = plan_table.search(SPEC, timeout_s=60, log=lambda _: None, start_slice="v4-16")
     assert seen[0][0] == "v4-16:1"
-    assert [a["status"] for a in row["attempts"]] == ["not_tried"] * 3 + ["fits"]
+    smaller = [c for c in todo if c.slice_name == "v4-8"]
+    assert [a["status"] for a in row["attempts"]] == ["not_tried"] * len(smaller) + ["fits"]
     assert "(smaller: undecided, see below)" in plan_table.format_row(row)
+    # The passed-over candidates are one line of the search listing.
+    listing = plan_table.format_search(row).splitlines()
+    assert len(listing) == 3 and f"{len(smaller)} candidates from v4-8" in listing[1]
+
+
+def test_a_search_continued_from_a_bigger_slice_keeps_the_earlier_attempts(fake_worker):
+    todo = plan_table.candidates(SPEC.num_experts, SPEC.batch_size)
+    v4_16 = next(c for c in todo if c.slice_name == "v4-16")
+    fake_worker([[_entry(v4_16, "compiling"), _entry(v4_16, "fits", report=_report())]])
+    later = plan_table.search(SPEC, timeout_s=60, log=lambda _: None, start_slice="v4-16",
+                              end_slice="v4-16")
+    v4_8 = [c for c in todo if c.slice_name == "v4-8"]
+    earlier = {"attempts": [_entry(c, "does_not_fit", reason="oom") for c in v4_8]
+               + [_entry(v4_16, "timeout", reason="slow")], "search_s": 5.0}
+    row = plan_table._continued(earlier, later)
+    assert [a["status"] for a in row["attempts"]] == ["does_not_fit"] * len(v4_8) + ["fits"]
+    assert row["status"] == "fits" and row["search_s"] == later["search_s"] + 5.0
+
+
+def test_an_end_slice_bounds_the_search_and_its_verdict(fake_worker):
+    todo = plan_table.candidates(SPEC.num_experts, SPEC.batch_size)
+    v4_8 = [c for c in todo if c.slice_name == "v4-8"]
+    seen = fake_worker([[_entry(c, "too_big", reason="params") for c in v4_8]])
+    row = plan_table.search(SPEC, timeout_s=60, log=lambda _: None, end_slice="v4-8")
+    assert seen == [[f"v4-8:{c.model}" for c in v4_8]]
+    assert row["status"] == "no_fit" and "no v4 slice up to v4-8 fits" in row["reason"]
+
+
+def test_row_of_a_model_that_fits_nowhere_names_the_closest_miss():
+    near = Candidate("v4-2048", 1024, 4, 64, remat=True)
+    row = {"title": "ST-MoE-32B", "status": "no_fit", "report": None, "published": "x",
+           "reason": "no v4 slice up to v4-8192 fits", "attempts": [
+               _entry(Candidate("v4-512", 256, 4, 64), "does_not_fit",
+                      reason="RESOURCE_EXHAUSTED: ... HLO temporaries (80.22G) exceeds ..."),
+               _entry(near, "does_not_fit", reason="... HLO temporaries (64.81G) exceeds ...",
+                      held_bytes=29.2 * 2**30),
+               _entry(Candidate("v4-8", 4, 1, 4), "too_big", reason="params 116 GiB")]}
+    cells = _cells(plan_table.format_row(row))
+    assert cells[3] == ("no v4 slice up to v4-8192 fits; closest: v4-2048 (data 4, expert 64, "
+                        "model 4, remat), temporaries 64.81 GiB > 30.75 (parameters + "
+                        "optimizer state alone 29.2 GiB per chip)")
