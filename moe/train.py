@@ -31,7 +31,7 @@ from typing import Any
 import gin
 import jax
 
-from moe import checkpoints, data, optimizer_transfer
+from moe import checkpoints, compilation_cache, data, file_io, optimizer_transfer
 from moe import eval as moe_eval
 from moe.entry_point import run_entry_point
 from moe.metrics_writer import MetricsWriter
@@ -124,8 +124,7 @@ def train(
     if eval_dataset_cfg is not None:
         data.get_task(eval_dataset_cfg)
     if jax.process_index() == 0:
-        with open(os.path.join(model_dir, "config.gin"), "w") as f:
-            f.write(gin.config_str())
+        file_io.write_text(file_io.join(model_dir, "config.gin"), gin.config_str())
 
     partitioner = partitioner or Partitioner(num_expert_partitions, num_model_partitions)
     layout = partitioner.get_data_layout(train_dataset_cfg.batch_size)
@@ -133,6 +132,9 @@ def train(
     shapes = input_shapes_for(converter, dict(train_dataset_cfg.task_feature_lengths),
                               train_dataset_cfg.batch_size)
     trainer = Trainer(model=model, partitioner=partitioner, input_shapes=shapes)
+    # The train step compiles in the background (XLA releases the GIL) while the state is
+    # restored or initialized and the input pipeline starts; the first step finds it compiled.
+    step_compiled = compilation_cache.compile_in_background(trainer.lower_train_step())
 
     checkpointer = checkpoints.Checkpointer(
         os.path.join(model_dir, "checkpoints"), checkpoint_period, keep_checkpoints,
@@ -168,8 +170,8 @@ def train(
     table = log_param_table(state["params"], trainer.logical_param_specs, trainer.param_shardings)
     logging.info("Parameters:\n%s", table)
     if jax.process_index() == 0:
-        with open(os.path.join(model_dir, "parameters.txt"), "w") as f:
-            f.write(f"mesh {dict(partitioner.mesh.shape)}\n{table}\n")
+        file_io.write_text(file_io.join(model_dir, "parameters.txt"),
+                           f"mesh {dict(partitioner.mesh.shape)}\n{table}\n")
         print(table.splitlines()[-1], f"on mesh {dict(partitioner.mesh.shape)}", flush=True)
 
     # Rows logged past the step this run starts from (by a run killed after its last
@@ -185,6 +187,7 @@ def train(
         eval_fn = lambda s, step: last_eval.update(evaluate(s, step))
     # Tokens per step: every input and target position of the batch (padding included).
     tokens = train_dataset_cfg.batch_size * sum(train_dataset_cfg.task_feature_lengths.values())
+    step_compiled.result()  # its compile error, if any, is the first step's
     state, reason = train_loop(
         trainer, state, batches, train_steps, checkpointer, writer,
         log_period=log_period, eval_period=eval_period, eval_fn=eval_fn,
@@ -193,8 +196,8 @@ def train(
     writer.close()
     checkpointer.close()
     if jax.process_index() == 0:
-        with open(os.path.join(model_dir, "operative_config.gin"), "w") as f:
-            f.write(gin.operative_config_str())
+        file_io.write_text(file_io.join(model_dir, "operative_config.gin"),
+                           gin.operative_config_str())
         if write_plots and reason == "done":
             from moe import plots
 
