@@ -40,7 +40,7 @@ from typing import Any
 
 import gin
 
-from moe import evaluation, file_io, gin_cli
+from moe import compilation_cache, evaluation, file_io, gin_cli
 from moe.errors import ConfigurationError
 from moe.experiments import entries as entries_lib
 from moe.experiments import report, run_results
@@ -230,6 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="where runs and the report go")
     try:
         args = gin_cli.parse_args(sys.argv[1:] if argv is None else argv, parser)
+        compilation_cache.enable()  # the models share programs across seeds and reruns
         files = [preset_file(args.extra.preset), *args.gin_files]
         # None when a SIGTERM stopped training: rerunning continues, as with moe.train.
         run_comparison(files, args.gin_bindings, args.gin_search_paths, args.extra.output,
