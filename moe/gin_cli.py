@@ -139,6 +139,17 @@ def register_url_reader() -> None:
     gin.config.register_file_reader(file_io.open_file, _is_url_file)
 
 
+def _use_search_paths(search_paths: Sequence[str]) -> None:
+    """Make `search_paths` gin's only `include` search paths. gin only ever appends to its
+    list, so a process that parses several configurations (the router comparison, the tests)
+    would otherwise find an `include` under an earlier configuration's folder first."""
+    prefixes = getattr(gin.config, "_LOCATION_PREFIXES", None)
+    if isinstance(prefixes, list):
+        prefixes[:] = [""]
+    for path in search_paths:
+        gin.add_config_file_search_path(path)
+
+
 def parse_gin(
     gin_files: Sequence[str],
     gin_bindings: Sequence[str] = (),
@@ -157,8 +168,7 @@ def parse_gin(
     """
     search_paths = [*gin_search_paths, installed_gin_dir()]
     register_url_reader()
-    for path in search_paths:
-        gin.add_config_file_search_path(path)
+    _use_search_paths(search_paths)
     files = [resolve_gin_file(f, search_paths) for f in gin_files]
     _parse_gin_files(files, search_paths)
     in_files = _ConfigNames.of(_parsed_config())

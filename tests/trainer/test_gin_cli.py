@@ -34,6 +34,21 @@ def test_search_paths_and_includes(tmp_path):
     assert _configured() == (3, "c")
 
 
+def test_an_earlier_parse_search_paths_are_not_searched(tmp_path):
+    """An `include` resolves under this command line's search paths, not under a folder an
+    earlier parse in the same process searched (which also holds a base.gin)."""
+    earlier, now = tmp_path / "earlier", tmp_path / "now"
+    for folder, value in ((earlier, 1), (now, 3)):
+        (folder / "runs").mkdir(parents=True)
+        (folder / "base.gin").write_text(f"_configured.value = {value}\n")
+        (folder / "runs" / "child.gin").write_text("include 'base.gin'\n")
+    _parse(["--gin_file=runs/child.gin", f"--gin_search_paths={earlier}"])
+    assert _configured() == (1, "default")
+    gin.clear_config()
+    _parse([f"--gin_file={now / 'runs' / 'child.gin'}", f"--gin_search_paths={now}"])
+    assert _configured() == (3, "default")
+
+
 def test_installed_gin_configs_are_always_searched():
     files = gin_cli.parse_gin([], [], [], finalize=False)
     assert files == []
