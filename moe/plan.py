@@ -38,7 +38,6 @@ from typing import Any
 
 import gin
 import jax
-import jax.numpy as jnp
 
 from moe import hlo_collectives, tpu_topology
 from moe.entry_point import run_entry_point
@@ -105,15 +104,6 @@ def _resolved_train_bindings() -> dict[str, Any]:
                 "(e.g. --gin_file=models/switch_base.gin --gin_file=runs/pretrain.gin)."
             )
     return bindings
-
-
-def _abstract_batch(trainer: Trainer) -> dict[str, jax.ShapeDtypeStruct]:
-    """The global batch as the train step sees it: int32 features unless the trainer's
-    `input_types` say otherwise, split like the batch."""
-    sharding = trainer.partitioner.batch_sharding
-    types = trainer.input_types or {}
-    return {name: jax.ShapeDtypeStruct(shape, types.get(name, jnp.int32), sharding=sharding)
-            for name, shape in trainer.input_shapes.items()}
 
 
 def _shard_bytes(tree: Any) -> int:
@@ -194,7 +184,7 @@ def build_trainer(tpu_slice_name: str) -> tuple[Trainer, dict[str, Any]]:
 def plan_steps(trainer: Trainer, with_eval: bool = True, slice_name: str = "the slice"
                ) -> list[StepPlan]:
     """The compiled train step (and eval step) of `trainer`, analysed."""
-    batch = _abstract_batch(trainer)
+    batch = trainer.abstract_batch()
     with trainer.partitioner.context():
         steps = [compile_step("train", trainer.train_step, trainer.abstract_state, batch,
                               slice_name=slice_name)]

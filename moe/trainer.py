@@ -167,19 +167,22 @@ class Trainer:
         with self.partitioner.context():
             return self._init_jit(jax.random.key(self.seed))
 
-    def lower_train_step(self) -> jax.stages.Lowered:
-        """The train step traced for this trainer's state and global batch, ahead of the
-        first batch: compiling it (`moe.compilation_cache.compile_in_background`) fills the
-        cache the first `train_step` call looks in. Features are int32 unless `input_types`
-        says otherwise, as the feature converters give them."""
+    def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """The global batch as the steps see it, without data: int32 features unless
+        `input_types` says otherwise (as the feature converters give them), batch-sharded."""
         types = self.input_types or {}
-        batch = {
+        return {
             name: jax.ShapeDtypeStruct(shape, types.get(name, jnp.int32),
                                        sharding=self.partitioner.batch_sharding)
             for name, shape in self.input_shapes.items()
         }
+
+    def lower_train_step(self) -> jax.stages.Lowered:
+        """The train step traced for this trainer's state and global batch, ahead of the
+        first batch: compiling it (`moe.compilation_cache.compile_in_background`) fills the
+        cache the first `train_step` call looks in."""
         with self.partitioner.context():
-            return self.train_step.lower(self.abstract_state, batch)
+            return self.train_step.lower(self.abstract_state, self.abstract_batch())
 
     def state_with_params(self, state: State, params: Any) -> State:
         """`state` with new parameters and a fresh optimizer state (fine-tuning, upcycling);

@@ -37,10 +37,7 @@ def _tiny_trainer(slice_name: str, expert_partitions: int, model_partitions: int
 
 
 def _train_step_hlo(trainer) -> str:
-    batch = plan._abstract_batch(trainer)
-    with trainer.partitioner.context():
-        lowered = trainer.train_step.lower(trainer.abstract_state, batch)
-    return lowered.compile().as_text()
+    return trainer.lower_train_step().compile().as_text()
 
 
 def _expert_weight_gathers(ops):
