@@ -15,7 +15,7 @@ the folder bound to `seqio_tasks.config.data_paths.bigbench_dir` (see `moe.evalu
 
 import sys
 
-import moe.quiet_logs  # noqa: F401 - first: quiets TensorFlow's start-up before it loads
+import moe.start_up  # noqa: F401 - first: before JAX and TensorFlow load
 
 if __name__ == "__main__":
     from moe.eval import main  # gin registers the importable module's configurables once

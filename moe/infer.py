@@ -11,7 +11,7 @@ evaluation.
 
 import sys
 
-import moe.quiet_logs  # noqa: F401 - first: quiets TensorFlow's start-up before it loads
+import moe.start_up  # noqa: F401 - first: before JAX and TensorFlow load
 
 if __name__ == "__main__":
     from moe.infer import main  # gin registers the importable module's configurables once

@@ -19,7 +19,7 @@ unset; the task is not loaded (the feature lengths and the batch size give the s
 import os
 import sys
 
-import moe.quiet_logs  # noqa: F401 - first: quiets TensorFlow's start-up before it loads
+import moe.start_up  # noqa: F401 - first: before JAX and TensorFlow load
 
 if __name__ == "__main__":
     # The host's own backend is only used for tracing: never try to open a TPU here.

@@ -42,7 +42,7 @@ table.
 import os
 import sys
 
-import moe.quiet_logs  # noqa: F401 - first: quiets TensorFlow's start-up before it loads
+import moe.start_up  # noqa: F401 - first: before JAX and TensorFlow load
 
 if __name__ == "__main__":
     # Only the host's CPU backend is used (for tracing): never try to open a TPU here.

@@ -1,9 +1,7 @@
 """Keep the entry points' output to the lines a user acts on.
 
-Imported first by every entry point (`moe.train`, `moe.eval`, `moe.infer`, `moe.logits`,
-`moe.convert`), before JAX or TensorFlow load:
-
-    import moe.quiet_logs  # noqa: F401 - first: quiets TensorFlow's start-up before it loads
+Imported by `moe.start_up`, which every entry point (`moe.train`, `moe.eval`, `moe.infer`,
+`moe.logits`, `moe.convert`, the benchmarks) imports first, before JAX or TensorFlow load.
 
 What is silenced, and why none of it is actionable here:
 - TensorFlow's start-up lines (oneDNN custom operations, "Could not find cuda drivers",
@@ -31,7 +29,6 @@ set: turning oneDNN off to drop its notice would change TensorFlow's CPU kernels
 """
 
 import contextlib
-import glob
 import importlib.util
 import logging
 import os
@@ -40,6 +37,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 
+from moe import accelerators
 from moe.log_filters import DropNoise
 
 ENVIRONMENT_DEFAULTS = {"TF_CPP_MIN_LOG_LEVEL": "1"}
@@ -68,11 +66,7 @@ def _no_tpu_here() -> bool:
     """libtpu is installed, but this machine has no TPU and JAX has no GPU plugin."""
     if importlib.util.find_spec("libtpu") is None:
         return False
-    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
-        return False
-    gpu_plugins = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
-                   "jax_rocm7_plugin")
-    return all(importlib.util.find_spec(name) is None for name in gpu_plugins)
+    return not accelerators.tpu_device_present() and not accelerators.gpu_plugin_installed()
 
 
 def keep_jax_off_absent_tpu() -> None:

@@ -14,7 +14,7 @@ eval period, and ends with a final checkpoint, evaluation and plots.
 
 import sys
 
-import moe.quiet_logs  # noqa: F401 - first: quiets TensorFlow's start-up before it loads
+import moe.start_up  # noqa: F401 - first: before JAX and TensorFlow load
 
 if __name__ == "__main__":
     # Run the importable `moe.train`, so that gin registers its configurables once (as

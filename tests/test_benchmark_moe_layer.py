@@ -16,10 +16,15 @@ def test_benchmark_writes_table_rows_and_json(tmp_path, capsys):
     ])
     result = json.loads(out.read_text())
     rows = {(r["router"], r["dispatch"]): r for r in result["rows"]}
-    # Dense reference, top-1 with both dispatches, expert choice without dropless.
-    assert set(rows) == {("dense", "-"), ("top1", "index"), ("top1", "dropless"),
-                         ("expert_choice", "index")}
+    # Dense reference, the experts alone, top-1 with both dispatches, expert choice without
+    # dropless.
+    assert set(rows) == {("dense", "-"), ("experts_alone", "-"), ("top1", "index"),
+                         ("top1", "dropless"), ("expert_choice", "index")}
     assert rows[("top1", "index")]["capacity"] == 4  # ceil(1.0 * 1 * 16 / 4)
+    # The experts alone run on the top-1 buffers: 2 groups of 16 tokens, 4 slots each.
+    assert rows[("experts_alone", "-")]["capacity"] == 4
+    assert rows[("experts_alone", "-")]["tokens_per_s"] == pytest.approx(
+        32 / rows[("experts_alone", "-")]["median_step_s"])
     for row in result["rows"]:
         assert row["median_step_s"] > 0 and row["tokens_per_s"] > 0
     assert "x dense" in capsys.readouterr().out
@@ -34,7 +39,8 @@ def test_memory_bound_limit_of_many_experts(tmp_path):
         "--length", "16", "--d_model", "8", "--d_ff", "16", "--group_size", "16",
         "--steps", "1", "--warmup", "1", "--memory_bandwidth", "1e6", "--json", str(out),
     ])
-    dense, top1 = json.loads(out.read_text())["rows"]
+    dense, alone, top1 = json.loads(out.read_text())["rows"]
+    assert alone["router"] == "experts_alone"
     weights = 64 * (8 * 16 + 16 * 8) * 4  # relu: wi and wo, float32
     assert dense["expert_weight_bytes"] == weights
     assert dense["memory_bound_s"] == pytest.approx(2 * weights / 1e6)
@@ -92,7 +98,7 @@ def test_benchmark_in_bfloat16(tmp_path, monkeypatch):
     result = json.loads(out.read_text())
     assert result["meta"]["config"]["dtype"] == "bfloat16"
     assert {(r["router"], r["dispatch"]) for r in result["rows"]} == {
-        ("dense", "-"), ("top2", "mask"), ("top2", "index")}
+        ("dense", "-"), ("experts_alone", "-"), ("top2", "mask"), ("top2", "index")}
     assert sorted(built) == [("DenseFfn", jnp.bfloat16), ("MoeLayer", jnp.bfloat16),
                              ("MoeLayer", jnp.bfloat16)]
     monkeypatch.undo()

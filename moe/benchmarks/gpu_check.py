@@ -27,7 +27,7 @@ default matmuls round float32 (TF32 on GPU), and how fast each router x dispatch
 Exit status 0 when every correctness check passes (skipped ones aside), 1 otherwise.
 """
 
-import moe.quiet_logs  # noqa: F401, I001 - first: no libtpu start-up errors without a TPU
+import moe.start_up  # noqa: F401, I001 - first: before JAX and TensorFlow load
 
 import argparse
 import contextlib

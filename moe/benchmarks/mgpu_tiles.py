@@ -8,7 +8,7 @@ E = 8 and 64) for each tile setting, against one dense matmul of the same rows i
 run, and prints a table (best first per E). Needs a Hopper GPU.
 """
 
-import moe.quiet_logs  # noqa: F401, I001 - first: no libtpu start-up errors without a TPU
+import moe.start_up  # noqa: F401, I001 - first: before JAX and TensorFlow load
 
 import argparse
 import itertools

@@ -10,7 +10,7 @@ cf 1.0, group size 512, E in {8, 32, 128}. Prints a table (median step time over
 timed steps after warm-up, tokens/s, ratio to dense, compile time) and writes JSON.
 """
 
-import moe.quiet_logs  # noqa: F401, I001 - first: no libtpu start-up errors without a TPU
+import moe.start_up  # noqa: F401, I001 - first: before JAX and TensorFlow load
 
 import argparse
 import json
@@ -26,8 +26,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moe import host_memory
 from moe.activations import apply_activation, num_input_projections
-from moe.moe_layer import MoeLayer
+from moe.experts import MlpExperts
+from moe.moe_layer import MoeLayer, group_shape
 from moe.routing import (
     CappedExpertChoice,
     ExpertChoice,
@@ -103,10 +105,30 @@ def _dense_objective(module: DenseFfn) -> Callable:
     return lambda params, x: jnp.sum(module.apply({"params": params}, x))
 
 
+def experts_alone(args: argparse.Namespace, num_experts: int) -> tuple[Callable, Any, jax.Array]:
+    """(objective, params, buffers) of the experts alone on full top-1 buffers [E, G, C, d]:
+    the batched matmuls every capacity dispatch runs, without routing, gather or scatter.
+
+    Its step is what the backend's batched matmul makes of these shapes; the gap between it
+    and a dispatch row is what routing and dispatch cost.
+    """
+    dtype = jnp.dtype(args.dtype)
+    num_groups, group_size = group_shape(args.batch * args.length, args.group_size, 1)
+    capacity = TokenChoice(1, capacity_factor=args.capacity_factor).capacity(
+        group_size, num_experts, deterministic=False)
+    shape = (num_experts, num_groups, capacity, args.d_model)
+    buffers = jax.random.normal(jax.random.key(2), shape, dtype)
+    experts = MlpExperts(num_experts, args.d_ff, activation=args.activation, dtype=dtype)
+    params = nn.meta.unbox(experts.init(jax.random.key(1), buffers))["params"]
+    return lambda p, b: jnp.sum(experts.apply({"params": p}, b)), params, buffers
+
+
 def time_step(
-    objective: Callable, params, x: jax.Array, steps: int, warmup: int
+    objective: Callable, params, x: jax.Array, steps: int, warmup: int,
+    num_tokens: int | None = None,
 ) -> dict[str, float]:
-    """Compile time and median step time of jitted value_and_grad(objective)."""
+    """Compile time and median step time of jitted value_and_grad(objective); tokens/s counts
+    `num_tokens` per step (default: x's first two axes, [batch, length])."""
     step = jax.jit(jax.value_and_grad(objective, argnums=(0, 1)))
     start = time.perf_counter()
     compiled = step.lower(params, x).compile()
@@ -123,21 +145,29 @@ def time_step(
         "compile_s": compile_s,
         "median_step_s": median,
         "min_step_s": min(times),
-        "tokens_per_s": x.shape[0] * x.shape[1] / median,
+        "tokens_per_s": (num_tokens or x.shape[0] * x.shape[1]) / median,
     }
 
 
-def memory_bandwidth(num_bytes: int = 2**29, steps: int = 5) -> float:
+def memory_bandwidth(num_bytes: int = 2**29, steps: int = 5, fresh: bool = False) -> float:
     """Bytes per second this machine's backend reads plus writes, from the median time of
-    `y = x * c` over a float32 array of `num_bytes` (read once, written once)."""
+    `y = x * c` over a float32 array of `num_bytes` (read once, written once).
+
+    By default y is written over x (donated): memory already mapped, the streaming bandwidth.
+    `fresh=True` writes y into a new buffer, as XLA writes a step's outputs: with the system
+    allocator those pages are mapped afresh, one page fault per 4 KiB, which on a small
+    machine costs several times the streaming write (see `moe.host_memory`).
+    """
     x = jnp.ones((num_bytes // 4,), jnp.float32)
-    scale = jax.jit(lambda a: a * 1.0001)
-    jax.block_until_ready(scale(x))
+    scale = jax.jit(lambda a: a * 1.0001, donate_argnums=() if fresh else (0,))
+    x = jax.block_until_ready(scale(x))
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        jax.block_until_ready(scale(x))
+        y = jax.block_until_ready(scale(x))
         times.append(time.perf_counter() - start)
+        if not fresh:
+            x = y
     return 2 * num_bytes / statistics.median(times)
 
 
@@ -168,6 +198,12 @@ def run(args: argparse.Namespace) -> list[dict]:
                      "limit_s": limit}
         rows.append({"experts": num_experts, "router": "dense", "dispatch": "-", **reference})
         _print_row(rows[-1], reference)
+        objective, params, buffers = experts_alone(args, num_experts)
+        result = time_step(objective, params, buffers, args.steps, args.warmup,
+                           num_tokens=args.batch * args.length)
+        rows.append({"experts": num_experts, "router": "experts_alone", "dispatch": "-",
+                     "capacity": buffers.shape[2], **_ratios(result, reference)})
+        _print_row(rows[-1], reference)
         for router in args.routers:
             spec = specs[router]
             for dispatch in args.dispatches:
@@ -188,19 +224,23 @@ def run(args: argparse.Namespace) -> list[dict]:
                 objective = _moe_objective(layer, variables.get(ROUTER_STATE))
                 result = time_step(objective, variables["params"], x, args.steps, args.warmup)
                 capacity = spec.capacity(args.group_size, num_experts, deterministic=False)
-                result["ratio_to_dense"] = reference["median_step_s"] / result["median_step_s"]
-                result["fraction_of_limit"] = limit / result["median_step_s"]
                 rows.append(
                     {
                         "experts": num_experts,
                         "router": router,
                         "dispatch": dispatch,
                         "capacity": args.group_size if dispatch == "dropless" else capacity,
-                        **result,
+                        **_ratios(result, reference),
                     }
                 )
                 _print_row(rows[-1], reference)
     return rows
+
+
+def _ratios(result: dict, reference: dict) -> dict:
+    """`result` with its ratio to the dense step and its fraction of the limit."""
+    return {**result, "ratio_to_dense": reference["median_step_s"] / result["median_step_s"],
+            "fraction_of_limit": reference["limit_s"] / result["median_step_s"]}
 
 
 _HEADER = (
@@ -263,8 +303,14 @@ def main(argv: list[str] | None = None) -> None:
           f"group {args.group_size}, {args.activation}, {args.dtype}")
     if args.memory_bandwidth is None:
         args.memory_bandwidth = memory_bandwidth()
-    print(f"memory bandwidth (read + write of 512 MiB): {args.memory_bandwidth / 1e9:.1f} GB/s; "
-          "of limit: max(dense step, 2 x expert weight bytes / bandwidth) / step time")
+    fresh_write = memory_bandwidth(fresh=True)
+    retained = host_memory.retained()
+    print(f"memory bandwidth (read + write of 512 MiB in place): "
+          f"{args.memory_bandwidth / 1e9:.1f} GB/s; into a fresh buffer: {fresh_write / 1e9:.1f} "
+          f"GB/s (freed host memory {'retained' if retained else 'returned to the system'}, "
+          "moe.host_memory)")
+    print("of limit: max(dense step, 2 x expert weight bytes / in-place bandwidth) / step time; "
+          "experts_alone: the experts' batched matmuls on full top-1 buffers, no routing")
     print(_HEADER)
     rows = run(args)
     if args.json:
@@ -277,6 +323,8 @@ def main(argv: list[str] | None = None) -> None:
             "cpu_count": os.cpu_count(),
             "machine": platform.machine(),
             "jax_version": jax.__version__,
+            "fresh_write_bandwidth": fresh_write,
+            "host_memory_retained": retained,
         }
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
         print(f"wrote {args.json}")

@@ -61,7 +61,7 @@ def run(model_gin: str, steps: int, repeats: int, warmup: int, batch_size: int,
     (`steps` 0: none). Times are `time.time()` stamps, comparable with the parent's."""
     started = time.time()
     # Imported here so that the parent, which only spawns and reads, stays light.
-    import moe.quiet_logs  # noqa: F401 - first, as in the entry points
+    import moe.start_up  # noqa: F401 - first, as in the entry points
     # isort: split
     import gin
     import jax

@@ -24,7 +24,7 @@ from its last checkpoint (the trainer's resume), the rest are trained.
 
 import sys
 
-import moe.quiet_logs  # noqa: F401 - first: quiets TensorFlow's start-up before it loads
+import moe.start_up  # noqa: F401 - first: before JAX and TensorFlow load
 
 if __name__ == "__main__":
     from moe.experiments.compare_routers import main

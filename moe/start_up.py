@@ -1,0 +1,25 @@
+"""What every entry point does first, before JAX or TensorFlow load:
+
+    import moe.start_up  # noqa: F401 - first: before JAX and TensorFlow load
+
+1. `moe.host_memory`: in a process started as one of this package's programs, on the CPU
+   backend, keep freed host memory in the process, so that XLA's per-step buffers do not
+   page-fault every step (this must precede any thread).
+2. `moe.quiet_logs`: TensorFlow's start-up lines filtered, and `JAX_PLATFORMS=cpu` where
+   libtpu is installed without a TPU.
+
+An unknown `MOE_HOST_MEMORY` exits with status 2, naming the choices.
+"""
+
+import sys
+
+from moe import host_memory
+
+try:
+    if host_memory.started_as_entry_point():
+        host_memory.retain_freed_memory()
+except ValueError as error:
+    print(f"error: {error}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+import moe.quiet_logs  # noqa: F401 - second: loads TensorFlow with its lines filtered
