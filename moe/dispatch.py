@@ -1,7 +1,11 @@
 """Moving tokens to expert buffers and back, three ways that compute the same function.
 
 - mask: one-hot dispatch tensor and einsums, [G, E, C, T] (TPU style, O(G*T*E*C*d) work);
-- index: gather by slot index and scatter-add back, O(G*E*C*d) data movement;
+- index: gather by slot index, O(G*E*C*d) data movement. For token choice the plan also
+  names each choice's slot (`TokenChoices.slot`), and every move, forward and backward, is a
+  gather (`gather_rows`): no scatter-add, which GPUs run on atomics (nondeterministic
+  summation order) and TPUs slowly. Expert choice combines by scatter-add (a token may sit in
+  any number of slots);
 - dropless: no buffers: sort the token choices by expert and run `jax.lax.ragged_dot`
   (token choice only; no capacity, so nothing is dropped). Under a mesh with an 'expert' axis
   `moe.expert_parallel` runs the same code per device, the rows moved by an all-to-all.
@@ -61,24 +65,90 @@ def combine_by_mask(expert_out: jax.Array, plan: RoutingPlan) -> jax.Array:
                       precision=_mask_precision(plan))
 
 
+def _padded(rows: jax.Array) -> jax.Array:
+    """[G, N, d] -> [G, N + 1, d]: row N is zeros (the row of every 'none' index)."""
+    return jnp.pad(rows, ((0, 0), (0, 1), (0, 0)))
+
+
+def _gather(rows: jax.Array, index: jax.Array) -> jax.Array:
+    """rows [G, N, d] at index [G, M, K] (N: a zero row) -> [G, M, K, d]."""
+    num_groups, num_out, k = index.shape
+    flat = index.reshape(num_groups, num_out * k, 1)
+    return jnp.take_along_axis(_padded(rows), flat, axis=1).reshape(
+        num_groups, num_out, k, rows.shape[-1])
+
+
+@jax.custom_vjp
+def gather_rows(rows: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
+    """`rows` [G, N, d] at `index` [G, M, K] -> [G, M, K, d], whose gradient is a gather too.
+
+    `inverse` [G, N, J] lists, for each source row, the flat positions m * K + k that read it
+    (M * K: none). The backward sums those J rows of the output gradient, where autodiff's
+    gradient of a gather would scatter-add, which GPUs serialize on atomics and TPUs
+    run slowly. Index positions equal to N read zeros and get no gradient.
+    """
+    return _gather(rows, index)
+
+
+def _gather_rows_fwd(rows, index, inverse):
+    return _gather(rows, index), inverse
+
+
+def _gather_rows_bwd(inverse, d_out):
+    num_groups, num_out, k, d_model = d_out.shape
+    flat = d_out.reshape(num_groups, num_out * k, d_model)
+    return jnp.sum(_gather(flat, inverse), axis=2), None, None  # indices: no gradient
+
+
+gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
+def _choice_of_slot(choices: TokenChoices, num_slots: int) -> jax.Array:
+    """[G, E*C, 1] the flat choice t * k + r each slot holds (T * k: empty slot), from the
+    choices' slots: the inverse `gather_rows` needs for the combine."""
+    num_groups, num_tokens, k = choices.slot.shape
+    groups = jnp.arange(num_groups)[:, None]
+    choice = jnp.arange(num_tokens * k, dtype=jnp.int32)
+    empty = jnp.full((num_groups, num_slots), num_tokens * k, jnp.int32)
+    table = empty.at[groups, choices.slot.reshape(num_groups, -1)].set(choice, mode="drop")
+    return table[..., None]
+
+
 def dispatch_by_index(x: jax.Array, plan: RoutingPlan) -> jax.Array:
-    """x [G, T, d] -> expert buffers [G, E, C, d] by gathering slot tokens (empty slots: 0)."""
+    """x [G, T, d] -> expert buffers [G, E, C, d] by gathering slot tokens (empty slots: 0).
+
+    With the choices' slots (token choice), the gradient gathers each token's k slots back;
+    otherwise (expert choice: a token may sit in any number of slots) it is autodiff's
+    scatter-add.
+    """
     num_groups, num_experts, capacity = plan.slot_token.shape
-    padded = jnp.pad(x, ((0, 0), (0, 1), (0, 0)))  # row T is the zero token of empty slots
-    flat = plan.slot_token.reshape(num_groups, num_experts * capacity)
-    gathered = jnp.take_along_axis(padded, flat[..., None], axis=1)
+    slot_token = plan.slot_token.reshape(num_groups, num_experts * capacity, 1)
+    if plan.choices is not None and plan.choices.slot is not None:
+        gathered = gather_rows(x, slot_token, plan.choices.slot)
+    else:
+        gathered = _gather(x, slot_token)
     return gathered.reshape(num_groups, num_experts, capacity, x.shape[-1])
 
 
 def combine_by_index(expert_out: jax.Array, plan: RoutingPlan) -> jax.Array:
-    """Expert outputs [G, E, C, d] -> per-token weighted sum [G, T, d] (float32) by
-    scatter-add."""
+    """Expert outputs [G, E, C, d] -> per-token weighted sum [G, T, d] (float32).
+
+    Token choice with the choices' slots: each token gathers its k slots (no scatter in
+    either direction). Otherwise a scatter-add of the weighted slots onto their tokens.
+    """
     num_groups, num_tokens = plan.padding_mask.shape
-    d_model = expert_out.shape[-1]
-    weighted = expert_out.astype(jnp.float32) * plan.slot_weight[..., None]
+    num_experts, capacity, d_model = expert_out.shape[1:]
+    slots = expert_out.reshape(num_groups, num_experts * capacity, d_model)
+    choices = plan.choices
+    if choices is not None and choices.slot is not None:
+        rows = gather_rows(slots, choices.slot, _choice_of_slot(choices, slots.shape[1]))
+        weights = jnp.where(choices.kept, choices.gates, 0.0)[..., None]  # [G, T, k, 1]
+        # Multiply and sum, not a dot: a dot would round float32 at the default precision.
+        return jnp.sum(rows.astype(jnp.float32) * weights, axis=2)
+    weighted = slots.astype(jnp.float32) * plan.slot_weight.reshape(num_groups, -1)[..., None]
     out = jnp.zeros((num_groups, num_tokens + 1, d_model), jnp.float32)
     out = out.at[jnp.arange(num_groups)[:, None], plan.slot_token.reshape(num_groups, -1)].add(
-        weighted.reshape(num_groups, -1, d_model)
+        weighted
     )
     return out[:, :num_tokens]
 

@@ -70,7 +70,9 @@ class PositionHashRouter(RouterDefaults):
         experts = experts[..., None].astype(jnp.int32)  # [G, T, 1]
         gates = jnp.take_along_axis(probs, experts, axis=-1)
         selected = real[..., None]
-        slot_token, slot_weight, kept = slots_from_choices(
+        # No `slot` in its choices: the index dispatch then combines by scatter (a router
+        # need not give the inverse map).
+        slot_token, slot_weight, kept, _ = slots_from_choices(
             experts, gates, selected, None, num_experts, capacity
         )
         return RoutingPlan(

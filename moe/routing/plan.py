@@ -30,6 +30,10 @@ class TokenChoices:
     gates: jax.Array  # [G, T, k] float32 combine weight the policy defines for that choice
     selected: jax.Array  # [G, T, k] bool: real token and kept by the second-expert policy
     kept: jax.Array  # [G, T, k] bool: selected and within the expert's capacity
+    # [G, T, k] int32: each kept choice's flat slot e * C + c in the plan's buffers, E * C
+    # where not kept (the inverse of `RoutingPlan.slot_token`; lets the index dispatch move
+    # rows by gathers only). None: routers that do not provide it.
+    slot: jax.Array | None = None
 
 
 @struct.dataclass

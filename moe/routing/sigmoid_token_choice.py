@@ -101,7 +101,7 @@ def route_sigmoid_tokens_choose(
     chosen = jnp.take_along_axis(affinities, experts, axis=-1)
     gates = chosen / jnp.sum(chosen, axis=-1, keepdims=True) * routed_scaling_factor
     selected = jnp.broadcast_to(real[..., None], experts.shape)
-    slot_token, slot_weight, kept = slots_from_choices(
+    slot_token, slot_weight, kept, slot = slots_from_choices(
         experts, gates, selected, None, num_experts, capacity, fill_order
     )
     # The diagnostics and the balance loss read a distribution over experts.
@@ -119,7 +119,8 @@ def route_sigmoid_tokens_choose(
         padding_mask=real,
         auxiliary_loss=aux,
         router_z_loss=losses.router_z_loss(logits, real),
-        choices=TokenChoices(experts=experts, gates=gates, selected=selected, kept=kept),
+        choices=TokenChoices(experts=experts, gates=gates, selected=selected, kept=kept,
+                             slot=slot),
     )
 
 

@@ -61,14 +61,15 @@ def slots_from_choices(
     num_experts: int,
     capacity: int,
     fill_order: FillOrder = "rank",
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Fill expert buffers in priority order.
 
     'rank' (GShard, flaxformer): every rank-1 choice before any rank-2 choice, so a later
     token's first choice can take the slot an earlier token's second choice needed. 'token':
     all of a token's choices before the next token's, so a token's slots depend on earlier
     tokens only. Tokens are taken in `priority_order` (BPR) or in token order. Returns
-    (slot_token [G,E,C], slot_weight [G,E,C], kept [G,T,k]).
+    (slot_token [G,E,C], slot_weight [G,E,C], kept [G,T,k], slot [G,T,k]): `slot` is the
+    inverse of `slot_token`, each kept choice's flat slot e * C + c (E * C where not kept).
     """
     num_groups, num_tokens, k = experts.shape
     token_ids = jnp.broadcast_to(jnp.arange(num_tokens)[None, :], (num_groups, num_tokens))
@@ -96,14 +97,17 @@ def slots_from_choices(
         .at[groups, flat_experts, slot_pos]
         .set(flat_gates, mode="drop")
     )
-    if fill_order == "rank":
-        kept = jnp.swapaxes(flat_kept.reshape(num_groups, k, num_tokens), 1, 2)
+    flat_slot = jnp.where(flat_kept, flat_experts * capacity + position, num_experts * capacity)
+    if fill_order == "rank":  # [G, k*T] -> [G, T, k]
+        unflatten = lambda a: jnp.swapaxes(a.reshape(num_groups, k, num_tokens), 1, 2)
     else:
-        kept = flat_kept.reshape(num_groups, num_tokens, k)
+        unflatten = lambda a: a.reshape(num_groups, num_tokens, k)
+    kept, slot = unflatten(flat_kept), unflatten(flat_slot)
     if priority_order is not None:
         inverse = jnp.argsort(priority_order, axis=1)
-        kept = jnp.take_along_axis(kept, inverse[..., None], axis=1)
-    return slot_token, slot_weight, kept
+        untake = lambda a: jnp.take_along_axis(a, inverse[..., None], axis=1)
+        kept, slot = untake(kept), untake(slot)
+    return slot_token, slot_weight, kept, slot
 
 
 def pre_capacity_mask(experts: jax.Array, num_experts: int) -> jax.Array:
@@ -173,7 +177,7 @@ def route_tokens_choose(
         # Tokens with the most confident top-1 choice claim buffer slots first (BPR).
         top1_prob = jnp.where(real, raw_gates[..., 0], -1.0)
         priority_order = jnp.argsort(-top1_prob, axis=1, stable=True)
-    slot_token, slot_weight, kept = slots_from_choices(
+    slot_token, slot_weight, kept, slot = slots_from_choices(
         experts, gates, selected, priority_order, num_experts, capacity, fill_order
     )
     top_k_mask = pre_capacity_mask(experts, num_experts)
@@ -187,7 +191,8 @@ def route_tokens_choose(
             probs, top_k_mask, real, balance_scope, batch_counts
         ),
         router_z_loss=losses.router_z_loss(logits, real),
-        choices=TokenChoices(experts=experts, gates=gates, selected=selected, kept=kept),
+        choices=TokenChoices(experts=experts, gates=gates, selected=selected, kept=kept,
+                             slot=slot),
     )
 
 
