@@ -1,32 +1,31 @@
-"""Keep freed host memory in the process when JAX runs on the CPU.
+"""`MOE_HOST_MEMORY=retain`: keep freed host memory in the process, for CPU runs whose steps
+write large buffers.
 
 Why: XLA:CPU allocates every step's outputs and temporaries with malloc and frees them when
 the step ends. glibc serves allocations above 32 MiB with their own mmap and unmaps them on
 free, so the next step writes into fresh pages and takes one page fault per 4 KiB. On a
-2-core machine that made writing a fresh 512 MiB buffer cost 136 ms against 26 ms for the same
-write into memory already mapped (`moe.benchmarks.moe_layer` measures both), and a MoE layer's
-step at 128 experts, whose weight gradients are 1 GiB of fresh output, spent about a third of
-its time in page faults.
+2-core machine writing a fresh 512 MiB buffer cost 136 ms against 26 ms for the same write
+into memory already mapped (`moe.benchmarks.moe_layer` measures both).
 
 What: three glibc malloc settings, made before JAX and TensorFlow start their threads:
 - one arena (`M_ARENA_MAX=1`): a thread's own arena serves a large block by mmap whatever
   the other settings say, so every thread must use the main heap;
 - no mmap for large blocks (`M_MMAP_MAX=0`): they come from the heap;
 - freed memory stays in the heap up to 2 GiB at its top (`M_TRIM_THRESHOLD`), to be reused.
-The cost: the process keeps its peak heap (up to those 2 GiB more than it uses), and threads
-share one malloc lock, which the large, few allocations of a JAX program do not notice.
 
-When: in processes started as one of this package's programs (`python -m moe.train`, the
-benchmarks; `moe.start_up`), on Linux with glibc, when JAX will run on the CPU
-(`moe.accelerators`). `MOE_HOST_MEMORY=system` leaves malloc as it is; `retain` makes the
-settings on any backend. Importing the library (a notebook, the test suite) never changes the
-process's malloc.
+Why it is not the default: the one arena serializes every thread's malloc. Measured on the
+same 2-core machine (float32):
+- MoE layer benchmark (top-1 index, 4096 tokens, d_model 512, d_ff 2048), where the steps
+  write hundreds of MiB: 390 -> 313 ms at 32 experts, 966 -> 673 ms at 128, the dense FFN
+  258 -> 235 ms; peak resident memory 4.3 -> 5.8 GB (XLA asks for 64-byte aligned blocks,
+  and an aligned request does not fit the hole an equal block left, so the heap settles a few
+  blocks above what the program holds);
+- the quickstart's tiny model, whose small steps run beside TensorFlow's input threads:
+  11.1 -> 8.0-9.1 steps/s, slower. Without the one arena nothing changes either way.
 
-Measured with `moe.benchmarks.moe_layer` (2 cores, float32, top-1 index, 4096 tokens, d_model
-512, d_ff 2048): step times fell from 390 to 313 ms at 32 experts and from 966 to 673 ms at 128
-(the dense FFN from 258 to 235 ms), and the peak resident memory rose from 4.3 to 5.8 GB: XLA
-asks for 64-byte aligned blocks, and an aligned request does not fit the hole an equal block
-left, so the heap settles at a few blocks more than the program holds.
+Where: in processes started as one of this package's programs (`python -m moe.train`, the
+benchmarks; through `moe.start_up`), on Linux with glibc. Importing the library (a notebook,
+the test suite) never changes the process's malloc.
 """
 
 import ctypes
@@ -34,10 +33,8 @@ import os
 import platform
 import sys
 
-from moe import accelerators
-
 ENVIRONMENT_VARIABLE = "MOE_HOST_MEMORY"
-CHOICES = ("auto", "retain", "system")
+CHOICES = ("system", "retain")
 
 # mallopt(3) parameters (malloc.h).
 M_TRIM_THRESHOLD = -1
@@ -49,18 +46,16 @@ _applied = False
 
 
 def wanted() -> bool:
-    """Whether this process should retain freed memory (see the module doc); a ValueError
-    names the choices for an unknown `MOE_HOST_MEMORY`."""
-    choice = os.environ.get(ENVIRONMENT_VARIABLE, "auto").strip().lower() or "auto"
+    """`MOE_HOST_MEMORY` asks for retained memory; a ValueError names the choices for an
+    unknown value."""
+    choice = os.environ.get(ENVIRONMENT_VARIABLE, "").strip().lower() or "system"
     if choice not in CHOICES:
         raise ValueError(
             f"{ENVIRONMENT_VARIABLE}={os.environ[ENVIRONMENT_VARIABLE]!r} is not one of "
-            f"{list(CHOICES)}: 'system' keeps glibc's malloc settings, 'retain' keeps freed "
-            "memory on any backend, 'auto' (the default) keeps it when JAX runs on the CPU."
+            f"{list(CHOICES)}: 'system' (the default) keeps glibc's malloc settings, 'retain' "
+            "keeps freed memory in the process (see moe/host_memory.py for when that pays)."
         )
-    if choice == "system":
-        return False
-    return choice == "retain" or accelerators.cpu_backend_expected()
+    return choice == "retain"
 
 
 def started_as_entry_point() -> bool:

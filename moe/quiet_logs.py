@@ -29,6 +29,7 @@ set: turning oneDNN off to drop its notice would change TensorFlow's CPU kernels
 """
 
 import contextlib
+import glob
 import importlib.util
 import logging
 import os
@@ -37,7 +38,6 @@ import sys
 import tempfile
 from collections.abc import Iterator
 
-from moe import accelerators
 from moe.log_filters import DropNoise
 
 ENVIRONMENT_DEFAULTS = {"TF_CPP_MIN_LOG_LEVEL": "1"}
@@ -66,7 +66,11 @@ def _no_tpu_here() -> bool:
     """libtpu is installed, but this machine has no TPU and JAX has no GPU plugin."""
     if importlib.util.find_spec("libtpu") is None:
         return False
-    return not accelerators.tpu_device_present() and not accelerators.gpu_plugin_installed()
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+        return False
+    gpu_plugins = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
+                   "jax_rocm7_plugin")
+    return all(importlib.util.find_spec(name) is None for name in gpu_plugins)
 
 
 def keep_jax_off_absent_tpu() -> None:

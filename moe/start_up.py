@@ -2,9 +2,9 @@
 
     import moe.start_up  # noqa: F401 - first: before JAX and TensorFlow load
 
-1. `moe.host_memory`: in a process started as one of this package's programs, on the CPU
-   backend, keep freed host memory in the process, so that XLA's per-step buffers do not
-   page-fault every step (this must precede any thread).
+1. `moe.host_memory`: with `MOE_HOST_MEMORY=retain`, keep freed host memory in the process,
+   so that XLA's large per-step buffers do not page-fault every step (this must precede any
+   thread).
 2. `moe.quiet_logs`: TensorFlow's start-up lines filtered, and `JAX_PLATFORMS=cpu` where
    libtpu is installed without a TPU.
 
