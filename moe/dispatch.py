@@ -133,8 +133,10 @@ def dispatch_by_index(x: jax.Array, plan: RoutingPlan) -> jax.Array:
 def combine_by_index(expert_out: jax.Array, plan: RoutingPlan) -> jax.Array:
     """Expert outputs [G, E, C, d] -> per-token weighted sum [G, T, d] (float32).
 
-    Token choice with the choices' slots: each token gathers its k slots (no scatter in
-    either direction). Otherwise a scatter-add of the weighted slots onto their tokens.
+    Token choice with the choices' slots: each token gathers its k slots, and the gradient
+    gathers each slot's token (no scatter of rows either way; only the [G, E*C] table of which
+    choice fills which slot is scattered). Otherwise a scatter-add of the weighted slots onto
+    their tokens.
     """
     num_groups, num_tokens = plan.padding_mask.shape
     num_experts, capacity, d_model = expert_out.shape[1:]

@@ -8,6 +8,12 @@ parameters and the input. Defaults: d_model 512, d_ff 2048, 8 x 512 tokens, floa
 activations (`--dtype bfloat16` for both the layer and the dense FFN; parameters stay float32),
 cf 1.0, group size 512, E in {8, 32, 128}. Prints a table (median step time over `--steps`
 timed steps after warm-up, tokens/s, ratio to dense, compile time) and writes JSON.
+
+Per E, beside the dense FFN: `experts_alone`, the experts' batched matmuls on full top-1
+buffers with no routing or dispatch (what the backend's matmul makes of E experts with few
+rows each: the ceiling of every capacity dispatch), and the memory-bound limit, from the
+in-place bandwidth measured first (the bandwidth into fresh buffers, which the system
+allocator maps page by page, is printed beside it).
 """
 
 import moe.start_up  # noqa: F401, I001 - first: before JAX and TensorFlow load
