@@ -70,3 +70,16 @@ def test_unknown_implementation_names_the_choices():
     x, w = jnp.zeros((4, 2)), jnp.zeros((2, 2, 3))
     with pytest.raises(ValueError, match="'auto' or one of"):
         grouped_matmul(x, w, jnp.asarray([2, 2]), implementation="dense")
+
+
+def test_forcing_the_dense_ragged_dot_says_so_once_with_its_cost(caplog):
+    """On CPU XLA lowers ragged_dot dense over the groups: forcing it logs that once per shape
+    with the intermediate's size; the grouped forms log nothing."""
+    x, w, sizes = jnp.ones((64, 8)), jnp.ones((4, 8, 16)), jnp.asarray([16] * 4)
+    with caplog.at_level("WARNING", logger="absl"):
+        for _ in range(2):
+            grouped_matmul(x, w, sizes, implementation="ragged_dot")
+        grouped_matmul(x, w, sizes, implementation="blocked")
+    warnings = [r.getMessage() for r in caplog.records if "ragged_dot" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "dense over the 4 groups, 4x the grouped FLOPs with a [4, 64, 16]" in warnings[0]
