@@ -103,6 +103,11 @@ def _gather_rows_bwd(inverse, d_out):
 gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
+def _choice_slots(plan: RoutingPlan) -> jax.Array | None:
+    """The plan's [G, T, k] slot of each choice, where its router gives one (token choice)."""
+    return None if plan.choices is None else plan.choices.slot
+
+
 def _choice_of_slot(choices: TokenChoices, num_slots: int) -> jax.Array:
     """[G, E*C, 1] the flat choice t * k + r each slot holds (T * k: empty slot), from the
     choices' slots: the inverse `gather_rows` needs for the combine."""
@@ -123,8 +128,9 @@ def dispatch_by_index(x: jax.Array, plan: RoutingPlan) -> jax.Array:
     """
     num_groups, num_experts, capacity = plan.slot_token.shape
     slot_token = plan.slot_token.reshape(num_groups, num_experts * capacity, 1)
-    if plan.choices is not None and plan.choices.slot is not None:
-        gathered = gather_rows(x, slot_token, plan.choices.slot)
+    choice_slots = _choice_slots(plan)
+    if choice_slots is not None:
+        gathered = gather_rows(x, slot_token, choice_slots)
     else:
         gathered = _gather(x, slot_token)
     return gathered.reshape(num_groups, num_experts, capacity, x.shape[-1])
@@ -142,7 +148,7 @@ def combine_by_index(expert_out: jax.Array, plan: RoutingPlan) -> jax.Array:
     num_experts, capacity, d_model = expert_out.shape[1:]
     slots = expert_out.reshape(num_groups, num_experts * capacity, d_model)
     choices = plan.choices
-    if choices is not None and choices.slot is not None:
+    if _choice_slots(plan) is not None:
         rows = gather_rows(slots, choices.slot, _choice_of_slot(choices, slots.shape[1]))
         weights = jnp.where(choices.kept, choices.gates, 0.0)[..., None]  # [G, T, k, 1]
         # Multiply and sum, not a dot: a dot would round float32 at the default precision.

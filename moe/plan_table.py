@@ -69,6 +69,7 @@ from typing import Any
 
 from moe import tpu_topology
 from moe.errors import ConfigurationError
+from moe.moe_layer import group_shape
 
 GiB = 2**30
 MODEL_PARTITIONS = (1, 2, 4)
@@ -160,12 +161,16 @@ class Candidate:
         return self.remat or self.microbatches > 1
 
     @property
+    def settings(self) -> list[str]:
+        """What this candidate changes beyond the mesh: remat, microbatches, GROUP_SIZE."""
+        return [*(["remat"] if self.remat else []),
+                *([f"{self.microbatches} microbatches"] if self.microbatches > 1 else []),
+                *([f"GROUP_SIZE {self.group_size}"] if self.group_size else [])]
+
+    @property
     def label(self) -> str:
-        extra = [*(["remat"] if self.remat else []),
-                 *([f"{self.microbatches} microbatches"] if self.microbatches > 1 else []),
-                 *([f"GROUP_SIZE {self.group_size}"] if self.group_size else [])]
         return (f"{self.slice_name} (data {self.data}, expert {self.expert}, model {self.model}"
-                + "".join(f", {e}" for e in extra) + ")")
+                + "".join(f", {e}" for e in self.settings) + ")")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -182,8 +187,8 @@ def expert_partitions(num_experts: int | None, devices: int) -> int:
 
 
 def _groups(tokens: int, group_size: int, expert: int) -> int:
-    """The MoE layer's group count ('fewest' formula, `moe_layer.group_shape`)."""
-    return math.ceil(math.ceil(tokens / group_size) / expert) * expert
+    """The MoE layer's group count ('fewest' formula)."""
+    return group_shape(tokens, group_size, expert)[0]
 
 
 def split_group_size(stack_tokens: Sequence[int], default: int, expert: int,
@@ -514,9 +519,7 @@ def format_row(row: Mapping[str, Any]) -> str:
     undecided = [a for a in row.get("attempts", ()) if a["status"] in ("timeout", "not_tried")]
     slice_cell = report["topology"] + (" (smaller: undecided, see below)" if undecided else "")
     fit = Candidate(**row["attempts"][-1]["candidate"]) if row.get("attempts") else None
-    extras = [*(["remat"] if fit and fit.remat else []),
-              *([f"{fit.microbatches} microbatches"] if fit and fit.microbatches > 1 else []),
-              *([f"GROUP_SIZE {fit.group_size}"] if fit and fit.group_size else [])]
+    extras = fit.settings if fit else []
     # A loop (scanned layers, microbatches) is counted once by the cost analysis: see the note.
     looped = "†" if row.get("scan_layers") or (fit and fit.microbatches > 1) else ""
     cells = [

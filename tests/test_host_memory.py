@@ -77,11 +77,13 @@ def test_unknown_choice_exits_2_naming_the_choices():
 
 
 def test_importing_the_library_leaves_malloc_alone():
-    """The test suite imports the entry points' modules: that is not starting them."""
-    import moe.start_up  # noqa: F401
-
-    assert not host_memory.started_as_entry_point()
-    assert not host_memory.retained()
+    """Asked for, but in a process that only imports the entry points' modules (as the tests
+    and notebooks do), not started as one: malloc keeps its settings."""
+    code = ("import moe.start_up, moe.train\nfrom moe import host_memory\n"
+            "print(host_memory.started_as_entry_point(), host_memory.retained())")
+    result = _run(code, {"MOE_HOST_MEMORY": "retain"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "False"]
 
 
 def test_choices(monkeypatch):

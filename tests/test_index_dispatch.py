@@ -36,7 +36,8 @@ def test_choice_slots_are_the_inverse_of_slot_tokens(spec):
         # Each kept choice's slot holds its token, and every filled slot is some choice's.
         assert np.array_equal(slot_token[g, slot[g, tokens, ranks]], tokens)
         assert sorted(slot[g, tokens, ranks]) == sorted(np.nonzero(slot_token[g] < 32)[0])
-    assert 0 < kept.sum() < np.asarray(plan.choices.selected).sum() or spec.capacity_factor >= 1
+    if spec.capacity_factor < 1:  # the inverse holds with dropped choices too
+        assert 0 < kept.sum() < np.asarray(plan.choices.selected).sum()
 
 
 def test_gather_gradient_sums_the_readers_rows_as_autodiff_would():

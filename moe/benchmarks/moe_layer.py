@@ -184,10 +184,10 @@ def memory_bound(expert_weight_bytes: int, bandwidth: float) -> float:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
+    """The table's rows, per E: dense, experts alone, every router x dispatch. Needs
+    `args.memory_bandwidth` (`main` measures it unless given)."""
     dtype = jnp.dtype(args.dtype)
     x = jax.random.normal(jax.random.key(0), (args.batch, args.length, args.d_model), dtype)
-    if args.memory_bandwidth is None:
-        args.memory_bandwidth = memory_bandwidth()
     rows = []
     for num_experts in args.experts:
         specs = router_specs(args.capacity_factor, args.group_size, num_experts)
@@ -322,8 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         meta = {
-            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                       if k != "bandwidth"},
+            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "platform": jax.devices()[0].platform,
             "device_kind": jax.devices()[0].device_kind,
             "cpu_count": os.cpu_count(),

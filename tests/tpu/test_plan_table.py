@@ -272,14 +272,21 @@ def test_every_model_gin_takes_the_table_bindings(spec):
         assert gin.query_parameter("%GROUP_SIZE") == 1024
 
 
+def _search_row(config: str, title: str, **fields) -> dict:
+    """A row of a run's JSON as `search` writes it (`fields` override the defaults)."""
+    return {"config": config, "title": title, "gin_file": "g", "batch_size": 256,
+            "feature_lengths": {"inputs": 512, "targets": 114},
+            "published": "not published here", "scan_layers": False, "status": "fits",
+            "reason": None, "report": None, "search_s": 0.0, "attempts": [], **fields}
+
+
 def test_table_from_earlier_runs_lists_unfinished_models(tmp_path):
-    row = {"config": "switch_base", "title": "Switch-Base-128", "gin_file": "g", "batch_size": 256,
-           "feature_lengths": {"inputs": 512, "targets": 114}, "published": "not published here",
-           "scan_layers": False, "status": "fits", "reason": None, "report": _report(),
-           "search_s": 12.0, "attempts": [
-               {"candidate": Candidate("v4-8", 4, 1, 4).to_json(), "status": "does_not_fit",
-                "reason": "RESOURCE_EXHAUSTED: 33G"},
-               {"candidate": Candidate("v4-32", 16, 1, 8).to_json(), "status": "fits"}]}
+    row = _search_row("switch_base", "Switch-Base-128", report=_report(), search_s=12.0,
+                      attempts=[
+                          {"candidate": Candidate("v4-8", 4, 1, 4).to_json(),
+                           "status": "does_not_fit", "reason": "RESOURCE_EXHAUSTED: 33G"},
+                          {"candidate": Candidate("v4-32", 16, 1, 8).to_json(),
+                           "status": "fits"}])
     for attempt in row["attempts"]:  # as the runs before the savers wrote them
         for key in ("remat", "microbatches", "group_size"):
             del attempt["candidate"][key]
@@ -301,10 +308,8 @@ def test_table_from_earlier_runs_lists_unfinished_models(tmp_path):
 
 
 def test_a_merged_table_merges_again_with_its_runs_and_newer_rows(tmp_path):
-    old = {"config": "switch_xxl", "title": "Switch-XXL", "gin_file": "g", "batch_size": 256,
-           "feature_lengths": {"targets": 1}, "published": "p", "scan_layers": False,
-           "status": "not_finished", "reason": "later", "report": None, "search_s": 0.0,
-           "attempts": []}
+    old = _search_row("switch_xxl", "Switch-XXL", feature_lengths={"targets": 1},
+                      published="p", status="not_finished", reason="later")
     new = {**old, "status": "no_fit", "reason": "no v4 slice fits", "scan_layers": True}
     merged, run = tmp_path / "merged.json", tmp_path / "new.json"
     merged.write_text(json.dumps({"made": "then", "machine": "here", "command": "regen",
