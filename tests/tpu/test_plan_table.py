@@ -280,6 +280,18 @@ def _search_row(config: str, title: str, **fields) -> dict:
             "reason": None, "report": None, "search_s": 0.0, "attempts": [], **fields}
 
 
+def _table_from_runs(tmp_path, runs: list[dict], configs: str) -> tuple[str, str]:
+    """(the markdown, its path) `--from_json` makes of these runs' JSON files."""
+    paths = []
+    for i, run in enumerate(runs):
+        paths.append(tmp_path / f"run_{i}.json")
+        paths[-1].write_text(json.dumps(run))
+    out = tmp_path / "plan.md"
+    assert plan_table.main([f"--from_json={','.join(map(str, paths))}", f"--output={out}",
+                            f"--configs={configs}"]) == 0
+    return out.read_text(), str(out)
+
+
 def test_table_from_earlier_runs_lists_unfinished_models(tmp_path):
     row = _search_row("switch_base", "Switch-Base-128", report=_report(), search_s=12.0,
                       attempts=[
@@ -290,13 +302,9 @@ def test_table_from_earlier_runs_lists_unfinished_models(tmp_path):
     for attempt in row["attempts"]:  # as the runs before the savers wrote them
         for key in ("remat", "microbatches", "group_size"):
             del attempt["candidate"][key]
-    run = tmp_path / "a.json"
-    run.write_text(json.dumps({"made": "today", "machine": "here", "command": "python -m x",
-                               "rows": [row]}))
-    out = tmp_path / "plan.md"
-    assert plan_table.main([f"--from_json={run}", f"--output={out}",
-                            "--configs=switch_base,switch_xxl"]) == 0
-    text = out.read_text()
+    text, out = _table_from_runs(tmp_path, [{"made": "today", "machine": "here",
+                                             "command": "python -m x", "rows": [row]}],
+                                 "switch_base,switch_xxl")
     table = [line for line in text.splitlines() if line.startswith("| Switch")]
     assert len(table) == 2 and "| v4-32 |" in table[0]
     assert "not finished" in table[1] and "did not finish" in table[1]
@@ -311,15 +319,10 @@ def test_a_merged_table_merges_again_with_its_runs_and_newer_rows(tmp_path):
     old = _search_row("switch_xxl", "Switch-XXL", feature_lengths={"targets": 1},
                       published="p", status="not_finished", reason="later")
     new = {**old, "status": "no_fit", "reason": "no v4 slice fits", "scan_layers": True}
-    merged, run = tmp_path / "merged.json", tmp_path / "new.json"
-    merged.write_text(json.dumps({"made": "then", "machine": "here", "command": "regen",
-                                  "merged_from": ["run a", "run b"], "rows": [old]}))
-    run.write_text(json.dumps({"made": "now", "machine": "here", "command": "run c",
-                               "rows": [new]}))
-    out = tmp_path / "plan.md"
-    assert plan_table.main([f"--from_json={merged},{run}", f"--output={out}",
-                            "--configs=switch_xxl"]) == 0
-    text = out.read_text()
+    merged = {"made": "then", "machine": "here", "command": "regen",
+              "merged_from": ["run a", "run b"], "rows": [old]}
+    run = {"made": "now", "machine": "here", "command": "run c", "rows": [new]}
+    text, _ = _table_from_runs(tmp_path, [merged, run], "switch_xxl")
     assert "from the rows of 3 runs" in text and "run a\nrun b\nrun c" in text
     assert "| no fit | no v4 slice fits |" in text and "not finished" not in text
 
