@@ -45,7 +45,8 @@ setup(
         *find_packages(include=["moe", "moe.*", "seqio_tasks", "seqio_tasks.*", "gin_configs"]),
         *GIN_FOLDERS,
     ],
-    package_data={folder: ["*.gin"] for folder in GIN_FOLDERS},
+    # The CPU kernels ship as C++ source, compiled on first use (`moe.cpu_kernels`).
+    package_data={"moe": ["kernels/*.cc"], **{folder: ["*.gin"] for folder in GIN_FOLDERS}},
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
     extras_require={

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from moe.activations import apply_activation, is_gated
+from moe.expert_matmul import expert_matmul
 from moe.grouped_matmul import grouped_matmul
 
 
@@ -73,6 +74,7 @@ class MlpExperts(nn.Module):
     dtype: jnp.dtype = jnp.float32
     kernel_init_scale: float = 1.0
     grouped_matmul: str = "auto"  # the ragged form's `moe.grouped_matmul` implementation
+    expert_matmul: str = "auto"  # the buffered form's `moe.expert_matmul` implementation
 
     def _kernel(self, name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> jax.Array:
         init = nn.with_logical_partitioning(expert_kernel_init(self.kernel_init_scale), axes)
@@ -120,7 +122,7 @@ class MlpExperts(nn.Module):
                 grouped_matmul=self.grouped_matmul,
             )
             return mlp(x, group_sizes) if dropless is None else dropless(x, mlp)
-        matmul = lambda a, w: jnp.einsum("egcd,edf->egcf", a, w)
+        matmul = lambda a, w: expert_matmul(a, w, self.expert_matmul)
         hidden = [matmul(x, w) for w in self.input_kernels(d_model)]
         hidden = apply_activation(self.activation, hidden)
         hidden = nn.with_logical_constraint(

@@ -25,6 +25,7 @@ from absl import logging
 from moe import expert_parallel
 from moe.dispatch import BUFFERED_DISPATCH
 from moe.errors import ConfigurationError
+from moe.expert_matmul import IMPLEMENTATIONS as EXPERT_MATMULS
 from moe.experts import MlpExperts
 from moe.grouped_matmul import IMPLEMENTATIONS
 from moe.routing import RouterSpec, TokenChoice
@@ -155,6 +156,9 @@ class MoeLayer(nn.Module):
         alike (fine-grained upcycling then computes the dense function exactly).
       grouped_matmul: how dropless runs its experts (`moe.grouped_matmul`): 'auto' picks per
         backend; 'blocked', 'megablox', 'mosaic_gpu' or 'ragged_dot' force one (benchmarks).
+      expert_matmul: how index and mask dispatch run their experts' batched matmuls
+        (`moe.expert_matmul`): 'auto' picks the CPU kernel where it pays; 'xla' or
+        'cpu_kernel' force one (benchmarks).
     """
 
     num_experts: int
@@ -172,6 +176,7 @@ class MoeLayer(nn.Module):
     num_expert_replicas: int = 1
     router_init_stddev: float = 2e-2
     grouped_matmul: str = "auto"
+    expert_matmul: str = "auto"
 
     def check_config(self) -> None:
         """Raise a ConfigurationError naming the problem and the fix for a bad configuration."""
@@ -208,6 +213,11 @@ class MoeLayer(nn.Module):
             raise ConfigurationError(
                 f"Unknown grouped_matmul {self.grouped_matmul!r}; choose 'auto' or one of "
                 f"{sorted(IMPLEMENTATIONS)}."
+            )
+        if self.expert_matmul not in ("auto", *EXPERT_MATMULS):
+            raise ConfigurationError(
+                f"Unknown expert_matmul {self.expert_matmul!r}; choose 'auto' or one of "
+                f"{list(EXPERT_MATMULS)}."
             )
         if self.num_expert_replicas < 1:
             raise ConfigurationError(
@@ -287,6 +297,7 @@ class MoeLayer(nn.Module):
             dtype=self.dtype,
             kernel_init_scale=self.kernel_init_scale,
             grouped_matmul=self.grouped_matmul,
+            expert_matmul=self.expert_matmul,
             name="expert",
         )
         grouped = grouped.astype(self.dtype)

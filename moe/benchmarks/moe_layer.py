@@ -34,6 +34,7 @@ import jax.numpy as jnp
 
 from moe import host_memory
 from moe.activations import apply_activation, num_input_projections
+from moe.expert_matmul import IMPLEMENTATIONS as EXPERT_MATMULS
 from moe.experts import MlpExperts
 from moe.moe_layer import MoeLayer, group_shape
 from moe.routing import (
@@ -124,7 +125,8 @@ def experts_alone(args: argparse.Namespace, num_experts: int) -> tuple[Callable,
         group_size, num_experts, deterministic=False)
     shape = (num_experts, num_groups, capacity, args.d_model)
     buffers = jax.random.normal(jax.random.key(2), shape, dtype)
-    experts = MlpExperts(num_experts, args.d_ff, activation=args.activation, dtype=dtype)
+    experts = MlpExperts(num_experts, args.d_ff, activation=args.activation, dtype=dtype,
+                         expert_matmul=args.expert_matmul)
     params = nn.meta.unbox(experts.init(jax.random.key(1), buffers))["params"]
     return lambda p, b: jnp.sum(experts.apply({"params": p}, b)), params, buffers
 
@@ -225,6 +227,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                     dispatch=dispatch,
                     max_group_size=args.group_size,
                     dtype=dtype,
+                    expert_matmul=args.expert_matmul,
                 )
                 variables = nn.meta.unbox(layer.init(jax.random.key(1), x))
                 objective = _moe_objective(layer, variables.get(ROUTER_STATE))
@@ -289,6 +292,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="activation dtype of the layer and the dense FFN (params float32)")
     parser.add_argument("--memory_bandwidth", type=float, default=None,
                         help="bytes/s for the memory-bound limit (default: measured here)")
+    parser.add_argument("--expert_matmul", choices=["auto", *EXPERT_MATMULS], default="auto",
+                        help="how index and mask dispatch run the experts (moe.expert_matmul)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args(argv)
