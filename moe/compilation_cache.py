@@ -36,11 +36,16 @@ OFF_VALUES = frozenset({"off", "0", "false", "no", "none"})
 MIN_COMPILE_TIME_SECS = 0.1
 
 
+def base_directory(environ: Mapping[str, str] | None = None) -> str:
+    """`${MOE_CACHE_DIR:-~/.cache/moe}`, with `~` expanded: where this package keeps what it
+    builds once per machine (compiled programs, the CPU kernels)."""
+    environ = os.environ if environ is None else environ
+    return os.path.expanduser(environ.get("MOE_CACHE_DIR") or os.path.join("~", ".cache", "moe"))
+
+
 def default_directory(environ: Mapping[str, str] | None = None) -> str:
     """`${MOE_CACHE_DIR:-~/.cache/moe}/jax_compilation_cache`, with `~` expanded."""
-    environ = os.environ if environ is None else environ
-    base = environ.get("MOE_CACHE_DIR") or os.path.join("~", ".cache", "moe")
-    return os.path.join(os.path.expanduser(base), "jax_compilation_cache")
+    return os.path.join(base_directory(environ), "jax_compilation_cache")
 
 
 def cache_directory(environ: Mapping[str, str] | None = None) -> str | None:

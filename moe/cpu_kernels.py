@@ -9,7 +9,7 @@ and a changed source, jaxlib or CPU builds a new one. It is written to a tempora
 renamed, so processes that build it at the same time never load a half-written library.
 
 Without a compiler (`CXX`, else `c++`/`g++`/`clang++` on PATH), or when the build fails, the
-kernels are unavailable: `load` logs why once and returns None, and callers use XLA's own ops.
+kernels are unavailable: `load` logs why once and returns False, and callers use XLA's own ops.
 `MOE_CPU_KERNELS=off` turns them off without trying.
 """
 
@@ -28,15 +28,16 @@ from pathlib import Path
 import jax
 from absl import logging
 
+from moe import compilation_cache
+
 SOURCE_DIR = Path(__file__).parent / "kernels"
 ENV_VAR = "MOE_CPU_KERNELS"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
 def cache_directory() -> Path:
-    """`${MOE_CACHE_DIR:-~/.cache/moe}/kernels` (the compilation cache's base directory)."""
-    base = os.environ.get("MOE_CACHE_DIR") or os.path.join("~", ".cache", "moe")
-    return Path(os.path.expanduser(base)) / "kernels"
+    """`${MOE_CACHE_DIR:-~/.cache/moe}/kernels`, beside the compilation cache."""
+    return Path(compilation_cache.base_directory()) / "kernels"
 
 
 def _compiler() -> str | None:
@@ -85,7 +86,7 @@ def _build(name: str, compiler: str) -> Path:
 def load(name: str, targets: tuple[tuple[str, str], ...]) -> bool:
     """Build `kernels/<name>.cc` if needed and register `targets` ((FFI target, symbol), ...)
     for the CPU. False (logged once) when the kernels are off or cannot be built."""
-    if os.environ.get(ENV_VAR, "").strip().lower() in ("off", "0", "false", "no"):
+    if os.environ.get(ENV_VAR, "").strip().lower() in compilation_cache.OFF_VALUES:
         return False
     compiler = _compiler()
     if compiler is None:

@@ -80,6 +80,22 @@ def test_layer_with_the_kernel_equals_the_layer_with_the_einsum(k):
         np.testing.assert_allclose(ours_g, ref_g, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dispatch", ["index", "mask"])
+def test_the_layer_passes_its_choice_to_the_experts(dispatch):
+    x = jnp.zeros((2, 32, 16))
+
+    def lowered(**kwargs):
+        layer = MoeLayer(4, 24, activation="relu", dispatch=dispatch, max_group_size=32,
+                         **kwargs)
+        params = nn.meta.unbox(layer.init(jax.random.key(0), x))["params"]
+        loss = lambda p: jnp.sum(layer.apply({"params": p}, x))
+        return jax.jit(jax.grad(loss)).lower(params).as_text()
+
+    kernel = lowered()  # 'auto': float32, 16 rows per expert, no mesh
+    assert all(f"moe_expert_matmul_{p}" in kernel for p in ("nn", "nt", "tn"))
+    assert "moe_expert_matmul" not in lowered(expert_matmul="xla")
+
+
 def _lowered(x, w, implementation="auto"):
     return jax.jit(lambda x, w: em.expert_matmul(x, w, implementation)).lower(x, w).as_text()
 

@@ -199,12 +199,12 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t units, Body body) {
   while (state->done.load(std::memory_order_acquire) < units) std::this_thread::yield();
 }
 
-struct Dims {
-  int64_t experts, rows, depth, cols;
-};
-
-ffi::Error Check(bool ok, const char* what) {
-  return ok ? ffi::Error::Success() : ffi::Error::InvalidArgument(what);
+// Both operands are [E, ., .] with the same E, and a's dimension a_dim equals b's b_dim (the
+// contraction, or the token rows of the weight gradient); else the error names the shapes.
+ffi::Error CheckOperands(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b, int a_dim,
+                         int b_dim, const char* expected) {
+  const bool ok = a.size() == 3 && b.size() == 3 && a[0] == b[0] && a[a_dim] == b[b_dim];
+  return ok ? ffi::Error::Success() : ffi::Error::InvalidArgument(expected);
 }
 
 // A column panel of b (depth rows x width <= kPanel columns, row stride b_row) copied into a
@@ -228,25 +228,24 @@ const float* PackPanel(int64_t depth, int64_t width, const float* b, int64_t b_r
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                    ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), wd = w.dimensions();
-  if (auto e = Check(xd.size() == 3 && wd.size() == 3 && xd[0] == wd[0] && xd[2] == wd[1],
-                     "moe_expert_matmul_nn: x [E, M, K] and w [E, K, N] expected");
+  if (auto e = CheckOperands(xd, wd, 2, 1,
+                             "moe_expert_matmul_nn: x [E, M, K] and w [E, K, N] expected");
       e.failure())
     return e;
-  const Dims d{xd[0], xd[1], xd[2], wd[2]};
-  const int64_t panels = (d.cols + kPanel - 1) / kPanel;
+  const int64_t experts = xd[0], rows = xd[1], k = xd[2], cols = wd[2];
+  const int64_t panels = (cols + kPanel - 1) / kPanel;
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
-  ParallelFor(pool, d.experts * panels, [=](int64_t u) {
+  ParallelFor(pool, experts * panels, [=](int64_t u) {
     const int64_t e = u / panels, col = (u % panels) * kPanel;
-    const int64_t width = std::min(kPanel, d.cols - col);
-    const float* xe = xp + e * d.rows * d.depth;
-    const float* panel = PackPanel(d.depth, width, wp + e * d.depth * d.cols + col, d.cols);
-    float* ye = yp + e * d.rows * d.cols + col;
-    for (int64_t r = 0; r < d.rows; r += kOuterRows) {
-      const int rows = static_cast<int>(std::min<int64_t>(kOuterRows, d.rows - r));
-      OuterBlock(rows, width, d.depth, xe + r * d.depth, d.depth, 1, panel, kPanel,
-                 ye + r * d.cols, d.cols);
+    const int64_t width = std::min(kPanel, cols - col);
+    const float* xe = xp + e * rows * k;
+    const float* panel = PackPanel(k, width, wp + e * k * cols + col, cols);
+    float* ye = yp + e * rows * cols + col;
+    for (int64_t r = 0; r < rows; r += kOuterRows) {
+      const int n = static_cast<int>(std::min<int64_t>(kOuterRows, rows - r));
+      OuterBlock(n, width, k, xe + r * k, k, 1, panel, kPanel, ye + r * cols, cols);
     }
   });
   return ffi::Error::Success();
@@ -256,8 +255,8 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
 ffi::Error InputGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> w,
                          ffi::ResultBuffer<ffi::F32> dx) {
   auto gd = g.dimensions(), wd = w.dimensions();
-  if (auto e = Check(gd.size() == 3 && wd.size() == 3 && gd[0] == wd[0] && gd[2] == wd[2],
-                     "moe_expert_matmul_nt: g [E, M, N] and w [E, K, N] expected");
+  if (auto e = CheckOperands(gd, wd, 2, 2,
+                             "moe_expert_matmul_nt: g [E, M, N] and w [E, K, N] expected");
       e.failure())
     return e;
   const int64_t experts = gd[0], rows = gd[1], cols = gd[2], k = wd[1];
@@ -284,8 +283,8 @@ ffi::Error InputGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buf
 ffi::Error WeightGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
                           ffi::ResultBuffer<ffi::F32> dw) {
   auto xd = x.dimensions(), gd = g.dimensions();
-  if (auto e = Check(xd.size() == 3 && gd.size() == 3 && xd[0] == gd[0] && xd[1] == gd[1],
-                     "moe_expert_matmul_tn: x [E, M, K] and g [E, M, N] expected");
+  if (auto e = CheckOperands(xd, gd, 1, 1,
+                             "moe_expert_matmul_tn: x [E, M, K] and g [E, M, N] expected");
       e.failure())
     return e;
   const int64_t experts = xd[0], rows = xd[1], k = xd[2], cols = gd[2];
@@ -309,21 +308,15 @@ ffi::Error WeightGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MoeExpertMatmulNN, Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MoeExpertMatmulNT, InputGradient,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MoeExpertMatmulTN, WeightGradient,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+// Every product: XLA's thread pool, two float32 operands, one float32 result.
+static auto TwoOperandsOneResult() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoeExpertMatmulNN, Forward, TwoOperandsOneResult());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoeExpertMatmulNT, InputGradient, TwoOperandsOneResult());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoeExpertMatmulTN, WeightGradient, TwoOperandsOneResult());
