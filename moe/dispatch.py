@@ -201,19 +201,33 @@ def dropless_choices(
 ) -> jax.Array:
     """`dropless_moe` on the choices alone: sort by expert, `run_experts`, weight and sum.
 
+    Rows move by `gather_rows` both ways, as in index dispatch: the sorted rows gather their
+    tokens (backward: each token gathers its k rows) and each token gathers its k results
+    (backward: each row gathers its token), so no [rows, d] scatter-add runs forward or backward
+    (on a GPU those were a third of the layer's time outside the matmuls). Only the int32
+    table of each choice's sorted row is scattered.
+
     Split out so that the expert-parallel form (`moe.expert_parallel`) runs this same code on
     each device's groups, with a `run_experts` that sends the sorted rows to the experts' devices.
     """
     num_groups, num_tokens, d_model = x.shape
     k = choices.experts.shape[-1]
-    expert_of = jnp.where(choices.selected, choices.experts, num_experts).reshape(-1)  # [G*T*k]
-    token_of = jnp.repeat(jnp.arange(num_groups * num_tokens), k)
-    order = jnp.argsort(expert_of, stable=True)
+    num_choices = num_groups * num_tokens * k  # one sorted row each; selected ones first
+    selected = choices.selected.reshape(-1)
+    expert_of = jnp.where(selected, choices.experts.reshape(-1), num_experts)
+    order = jnp.argsort(expert_of, stable=True).astype(jnp.int32)  # sorted row -> choice
     group_sizes = jnp.bincount(expert_of, length=num_experts + 1)[:num_experts].astype(jnp.int32)
-    flat_x = x.reshape(num_groups * num_tokens, d_model)
-    sorted_out = run_experts(flat_x[token_of[order]], group_sizes)  # [G*T*k, d]
-    gates = jnp.where(choices.selected, choices.gates, 0.0).reshape(-1)[order]
-    out = jnp.zeros(flat_x.shape, jnp.float32).at[token_of[order]].add(
-        sorted_out.astype(jnp.float32) * gates[:, None]
-    )
+    choices_range = jnp.arange(num_choices, dtype=jnp.int32)
+    row_of = jnp.zeros(num_choices, jnp.int32).at[order].set(choices_range)  # choice -> row
+    row_of = jnp.where(selected, row_of, num_choices)  # unselected: no row (reads zeros)
+    choice_of = jnp.where(selected[order], order, num_choices)  # row -> choice (none: past end)
+    token_of = jnp.minimum(choice_of // k, num_groups * num_tokens)  # none -> the zero row
+    sorted_x = gather_rows(x.reshape(1, -1, d_model), token_of.reshape(1, -1, 1),
+                           row_of.reshape(1, -1, k))
+    sorted_out = run_experts(sorted_x.reshape(num_choices, d_model), group_sizes)
+    rows = gather_rows(sorted_out[None], row_of.reshape(1, -1, k),
+                       choice_of.reshape(1, -1, 1))  # [1, G*T, k, d]
+    gates = jnp.where(choices.selected, choices.gates, 0.0).reshape(1, -1, k, 1)
+    # Multiply and sum, not a dot: a dot would round float32 at the default precision.
+    out = jnp.sum(rows.astype(jnp.float32) * gates, axis=2)
     return out.reshape(num_groups, num_tokens, d_model)

@@ -80,9 +80,11 @@ def _wide_scatters(layer: MoeLayer) -> list[str]:
     return [r for r in results if re.search(rf"x{D_MODEL}x(f32|bf16)>$", r)]
 
 
+@pytest.mark.parametrize("dispatch", ["index", "dropless"])
 @pytest.mark.parametrize("k", [1, 2])
-def test_token_choice_index_dispatch_has_no_row_scatter(k):
-    layer = MoeLayer(4, 16, router=TokenChoice(k), dispatch="index", activation="relu",
+def test_token_choice_dispatch_has_no_row_scatter(k, dispatch):
+    """Index dispatch and dropless move rows by gathers only, forward and backward."""
+    layer = MoeLayer(4, 16, router=TokenChoice(k), dispatch=dispatch, activation="relu",
                      max_group_size=32)
     assert _wide_scatters(layer) == []
 
