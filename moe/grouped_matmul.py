@@ -214,13 +214,13 @@ def _mgpu_bwd(tiles, residuals, grad):
         transposed_ragged_dot,
     )
 
+    # The inputs' rows past the groups are not selected away (a full pass over `grad` or `x`
+    # each, as long as the matmuls' epilogue on a GPU): dx's kernel leaves them out and its
+    # output is selected; dw's kernel multiplies the last group's block by a row mask.
     x, w, group_sizes = residuals
-    computed = _rows_computed(x.shape[0], group_sizes)
-    grad = jnp.where(computed, grad, jnp.zeros((), grad.dtype))
     dx = ragged_dot(grad, w, group_sizes=group_sizes, transpose_rhs=True, **dict(tiles))
-    dx = jnp.where(computed, dx, jnp.zeros((), dx.dtype))
-    dw = transposed_ragged_dot(jnp.where(computed, x, jnp.zeros((), x.dtype)), grad,
-                               group_sizes=group_sizes, **dict(tiles))
+    dx = jnp.where(_rows_computed(x.shape[0], group_sizes), dx, jnp.zeros((), dx.dtype))
+    dw = transposed_ragged_dot(x, grad, group_sizes=group_sizes, **dict(tiles))
     return dx, dw.astype(w.dtype), None
 
 
@@ -240,7 +240,9 @@ def _hopper_gpu() -> bool:
 def mosaic_gpu_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
     """The Hopper form: JAX's Mosaic GPU `ragged_dot` (forward, and dx with the kernels
     transposed) and `transposed_ragged_dot` (dw), all grouped. Shapes or dtypes its tiles do
-    not fit run 'blocked'. Rows past sum(group_sizes) are zeroed by select on both sides."""
+    not fit run 'blocked'. Rows past sum(group_sizes) come out as zeros (output and dx, by
+    select) and add nothing to dw as long as they are finite: the dw kernel masks them by a
+    multiplication, so a NaN or Inf there would reach dw."""
     tiles = _mgpu_tiles(x, w)
     if tiles is None:
         return blocked_grouped_matmul(x, w, group_sizes)
