@@ -72,13 +72,14 @@ class MlpExperts(nn.Module):
     activation: str = "gated-gelu"
     dropout_rate: float = 0.0  # expert dropout (Switch fine-tuning: 0.4 inside experts)
     dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32  # the kernels as stored; cast to `dtype` per call
     kernel_init_scale: float = 1.0
     grouped_matmul: str = "auto"  # the ragged form's `moe.grouped_matmul` implementation
     expert_matmul: str = "auto"  # the buffered form's `moe.expert_matmul` implementation
 
     def _kernel(self, name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> jax.Array:
         init = nn.with_logical_partitioning(expert_kernel_init(self.kernel_init_scale), axes)
-        return self.param(name, init, shape, jnp.float32).astype(self.dtype)
+        return self.param(name, init, shape, self.param_dtype).astype(self.dtype)
 
     def input_kernels(self, d_model: int) -> list[jax.Array]:
         """The `wi` matrices [E, d_model, d_ff]: one, or gate and value for gated activations."""

@@ -146,6 +146,10 @@ class MoeLayer(nn.Module):
         number of groups is a multiple of it, and E must be divisible by it.
       expert_dropout_rate: dropout inside the experts (training only).
       dtype: activation dtype of the experts (the router always computes in float32).
+      param_dtype: dtype the expert kernels are stored in: float32 (T5X's convention, cast to
+        `dtype` each step) or bfloat16 (half the memory, and no per-step cast of every expert's
+        weights and gradients, which at many experts costs as much as the grouped matmuls
+        on a GPU). The router's kernel stays float32.
       causal: True inside a causal decoder: routers that look at later tokens are refused,
         those that leak through capacity are warned about (see `moe.routing.Causality`).
       kernel_init_scale: variance scale of the expert kernels (T5X MoE configs use 0.1).
@@ -170,6 +174,7 @@ class MoeLayer(nn.Module):
     num_expert_partitions: int = 1
     expert_dropout_rate: float = 0.0
     dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
     causal: bool = False
     kernel_init_scale: float = 1.0
     group_formula: str = "fewest"
@@ -295,6 +300,7 @@ class MoeLayer(nn.Module):
             activation=self.activation,
             dropout_rate=self.expert_dropout_rate,
             dtype=self.dtype,
+            param_dtype=self.param_dtype,
             kernel_init_scale=self.kernel_init_scale,
             grouped_matmul=self.grouped_matmul,
             expert_matmul=self.expert_matmul,

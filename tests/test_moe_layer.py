@@ -187,6 +187,29 @@ def test_router_runs_in_float32_for_bfloat16_layer():
     assert plan.logits.dtype == jnp.float32 and plan.slot_weight.dtype == jnp.float32
 
 
+@pytest.mark.parametrize("dispatch", ["index", "dropless"])
+def test_bfloat16_expert_kernels_compute_what_their_float32_values_do(dispatch):
+    """param_dtype=bfloat16 stores the expert kernels in bfloat16 (the router's stay float32)
+    and computes the layer of float32 kernels holding the same values, gradients included."""
+    x = _inputs(0, (2, 8, 16)).astype(jnp.bfloat16)
+    kwargs = dict(dtype=jnp.bfloat16, router=TokenChoice(2, capacity_factor=2.0),
+                  dispatch=dispatch, activation="relu")
+    stored = MoeLayer(4, 16, param_dtype=jnp.bfloat16, **kwargs)
+    params = init(stored, x)
+    kernels = params["expert"]
+    assert {k: v.value.dtype for k, v in kernels.items()} == {"wi": jnp.bfloat16,
+                                                              "wo": jnp.bfloat16}
+    assert params["router"]["router_weights"]["w"].value.dtype == jnp.float32
+    widened = jax.tree.map(lambda a: a.astype(jnp.float32), nn.meta.unbox(params))
+    value, y, grads = _loss_and_grads(stored, nn.meta.unbox(params), x)
+    value32, y32, grads32 = _loss_and_grads(MoeLayer(4, 16, **kwargs), widened, x)
+    np.testing.assert_array_equal(y, y32)
+    np.testing.assert_array_equal(value, value32)
+    assert grads[0]["expert"]["wo"].dtype == jnp.bfloat16
+    for ours, reference in zip(jax.tree.leaves(grads), jax.tree.leaves(grads32), strict=True):
+        np.testing.assert_array_equal(ours, reference.astype(ours.dtype))
+
+
 @pytest.mark.parametrize("jitter_on", ["inputs", "logits"])
 def test_jitter_only_in_training_and_needs_explicit_rng(jitter_on):
     x = _inputs(0, (2, 16, 8))

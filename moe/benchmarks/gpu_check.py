@@ -13,7 +13,8 @@ default matmuls round float32 (TF32 on GPU), and how fast each router x dispatch
    difference and PASS/FAIL against a relative tolerance. The mask dispatch's one-hot einsums
    run at Precision.HIGHEST, so mask vs index should agree to float32 rounding even with TF32.
    Then the same layer over a mesh of all local devices against the layer on one device.
-3. Speed (bfloat16 activations, float32 parameters): `moe.benchmarks.moe_layer`'s routers,
+3. Speed (bfloat16 activations; kernels stored in bfloat16 as the torch reference's, or
+   float32 with --param_dtype float32): `moe.benchmarks.moe_layer`'s routers,
    objective and timer, every router x dispatch at E=8 and E=64, against dense FFNs measured in
    the same run. Two ratios (dense step time / MoE step time, > 1 means the MoE is faster):
    `x dense` to a dense FFN of the expert d_ff (the compute of one expert per token), and
@@ -368,8 +369,9 @@ def _failure(error: Exception) -> dict:
     return {"status": "ERROR", "error": f"{type(error).__name__}: {first_line}"}
 
 
-def _dense_time(d_ff: int, activation: str, x: jax.Array, steps: int, warmup: int) -> dict:
-    module = DenseFfn(d_ff, activation, x.dtype)
+def _dense_time(d_ff: int, activation: str, x: jax.Array, param_dtype: Any, steps: int,
+                warmup: int) -> dict:
+    module = DenseFfn(d_ff, activation, x.dtype, param_dtype)
     params = jax.jit(module.init)(jax.random.key(1), x)["params"]
     return time_step(_dense_objective(module), params, x, steps, warmup)
 
@@ -384,8 +386,8 @@ def speed_rows(args: argparse.Namespace, sizes: dict) -> list[dict]:
     def dense_reference(width: int) -> dict:
         if width not in dense:
             try:
-                dense[width] = _dense_time(width, args.activation, x, sizes["steps"],
-                                           sizes["warmup"])
+                dense[width] = _dense_time(width, args.activation, x, args.param_dtype,
+                                           sizes["steps"], sizes["warmup"])
                 dense[width]["status"] = "ok"
             except Exception as error:  # an OOM row must not end the check
                 dense[width] = _failure(error)
@@ -442,6 +444,7 @@ def _moe_time(spec: RouterSpec, dispatch: str, num_experts: int, x: jax.Array,
               args: argparse.Namespace, sizes: dict, grouped_matmul: str = "auto") -> dict:
     layer = MoeLayer(num_experts, sizes["d_ff"], router=spec, activation=args.activation,
                      dispatch=dispatch, max_group_size=sizes["group_size"], dtype=x.dtype,
+                     param_dtype=args.param_dtype,
                      grouped_matmul=grouped_matmul)
     variables = nn.meta.unbox(jax.jit(layer.init)(jax.random.key(1), x))
     objective = _moe_objective(layer, variables.get(ROUTER_STATE))
@@ -637,6 +640,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--capacity_factor", type=float, default=1.0,
                         help="capacity factor of the speed rows")
     parser.add_argument("--activation", default="relu", help="activation of the speed rows")
+    parser.add_argument("--param_dtype", type=jnp.dtype, default=jnp.dtype(jnp.bfloat16),
+                        help="storage dtype of the speed rows' kernels (MoE experts and dense "
+                        "FFN; the router's stay float32). Default bfloat16, as the torch "
+                        "reference's expert weights; float32 adds the per-step casts T5X's "
+                        "float32 parameters cost")
     parser.add_argument("--grouped_matmuls", type=lambda s: s.split(","),
                         default=["auto", "blocked", "mosaic_gpu", "ragged_dot"],
                         help="moe.grouped_matmul forms compared on their own and as top2 "
@@ -666,12 +674,14 @@ def main(argv: list[str] | None = None) -> int:
         "rtol": args.rtol,
         "capacity_factor": args.capacity_factor,
         "activation": args.activation,
+        "param_dtype": str(args.param_dtype),
         "check_activation": CHECK_ACTIVATION,
     }
     print(f"device: {device.platform} {device.device_kind} x{n}, jax {jax.__version__}, "
           f"default matmul precision {meta['default_matmul_precision']}")
     print(f"correctness: float32, E {CHECK_EXPERTS}, d_model {sizes['check_d_model']}, d_ff "
-          f"{sizes['check_d_ff']}, {CHECK_ACTIVATION}; speed: bfloat16, d_model "
+          f"{sizes['check_d_ff']}, {CHECK_ACTIVATION}; speed: bfloat16 activations, "
+          f"{args.param_dtype} kernels, d_model "
           f"{sizes['d_model']}, d_ff {sizes['d_ff']}, {sizes['batch']}x{sizes['length']} "
           f"tokens, group {sizes['group_size']}, cf {args.capacity_factor}, E {sizes['experts']}")
     print("x dense: dense(d_ff) / MoE step time; x eqflops: dense(d_ff * experts per token) / "

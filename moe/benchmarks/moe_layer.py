@@ -5,7 +5,8 @@ dense FFN of the same d_model/d_ff measured in the same run.
 
 The objective is `value_and_grad` of `sum(out) + 0.01 * aux + 0.001 * z` with respect to the
 parameters and the input. Defaults: d_model 512, d_ff 2048, 8 x 512 tokens, float32
-activations (`--dtype bfloat16` for both the layer and the dense FFN; parameters stay float32),
+activations (`--dtype bfloat16` for both the layer and the dense FFN), float32 parameters
+(`--param_dtype bfloat16` for both),
 cf 1.0, group size 512, E in {8, 32, 128}. Prints a table (median step time over `--steps`
 timed steps after warm-up, tokens/s, ratio to dense, compile time) and writes JSON.
 
@@ -80,7 +81,8 @@ class DenseFfn(nn.Module):
 
     d_ff: int
     activation: str
-    dtype: Any = jnp.float32  # computation dtype; parameters stay float32, as in the layer
+    dtype: Any = jnp.float32  # computation dtype
+    param_dtype: Any = jnp.float32  # storage dtype of the kernels, as the layer's experts
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -88,11 +90,13 @@ class DenseFfn(nn.Module):
         init = nn.initializers.lecun_normal()
         x = x.astype(self.dtype)
         wis = [
-            self.param(f"wi_{i}", init, (d_model, self.d_ff)).astype(self.dtype)
+            self.param(f"wi_{i}", init, (d_model, self.d_ff), self.param_dtype).astype(
+                self.dtype)
             for i in range(num_input_projections(self.activation))
         ]
         hidden = apply_activation(self.activation, [x @ w for w in wis])
-        return hidden @ self.param("wo", init, (self.d_ff, d_model)).astype(self.dtype)
+        return hidden @ self.param("wo", init, (self.d_ff, d_model),
+                                   self.param_dtype).astype(self.dtype)
 
 
 def _moe_objective(layer: MoeLayer, router_state: Any) -> Callable:
@@ -126,6 +130,7 @@ def experts_alone(args: argparse.Namespace, num_experts: int) -> tuple[Callable,
     shape = (num_experts, num_groups, capacity, args.d_model)
     buffers = jax.random.normal(jax.random.key(2), shape, dtype)
     experts = MlpExperts(num_experts, args.d_ff, activation=args.activation, dtype=dtype,
+                         param_dtype=jnp.dtype(args.param_dtype),
                          expert_matmul=args.expert_matmul)
     params = nn.meta.unbox(experts.init(jax.random.key(1), buffers))["params"]
     return lambda p, b: jnp.sum(experts.apply({"params": p}, b)), params, buffers
@@ -193,7 +198,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     rows = []
     for num_experts in args.experts:
         specs = router_specs(args.capacity_factor, args.group_size, num_experts)
-        dense = DenseFfn(args.d_ff, args.activation, dtype)
+        dense = DenseFfn(args.d_ff, args.activation, dtype, jnp.dtype(args.param_dtype))
         dense_params = dense.init(jax.random.key(1), x)["params"]
         reference = time_step(_dense_objective(dense), dense_params, x, args.steps, args.warmup)
         # The limit of a layer with the dense FFN's FLOPs (top-1): the dense step, or reading
@@ -227,6 +232,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                     dispatch=dispatch,
                     max_group_size=args.group_size,
                     dtype=dtype,
+                    param_dtype=jnp.dtype(args.param_dtype),
                     expert_matmul=args.expert_matmul,
                 )
                 variables = nn.meta.unbox(layer.init(jax.random.key(1), x))
@@ -289,7 +295,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--capacity_factor", type=float, default=1.0)
     parser.add_argument("--group_size", type=int, default=512)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                        help="activation dtype of the layer and the dense FFN (params float32)")
+                        help="activation dtype of the layer and the dense FFN")
+    parser.add_argument("--param_dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="storage dtype of the expert and dense FFN kernels")
     parser.add_argument("--memory_bandwidth", type=float, default=None,
                         help="bytes/s for the memory-bound limit (default: measured here)")
     parser.add_argument("--expert_matmul", choices=["auto", *EXPERT_MATMULS], default="auto",
@@ -311,7 +319,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"MoE layer fwd+bwd on {jax.devices()[0].platform} x{jax.device_count()} "
           f"({os.cpu_count()} CPUs), d_model {args.d_model}, d_ff {args.d_ff}, "
           f"{args.batch}x{args.length} tokens, cf {args.capacity_factor}, "
-          f"group {args.group_size}, {args.activation}, {args.dtype}")
+          f"group {args.group_size}, {args.activation}, {args.dtype} activations, "
+          f"{args.param_dtype} parameters")
     if args.memory_bandwidth is None:
         args.memory_bandwidth = memory_bandwidth()
     fresh_write = memory_bandwidth(fresh=True)
