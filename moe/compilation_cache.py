@@ -30,17 +30,11 @@ from concurrent.futures import Future
 
 import jax
 
+from moe.cache_dirs import OFF_VALUES, base_directory
+
 ENV_VAR = "MOE_COMPILATION_CACHE_DIR"
-OFF_VALUES = frozenset({"off", "0", "false", "no", "none"})
 # Programs faster to compile than this are not worth a file: reading one back costs a few ms.
 MIN_COMPILE_TIME_SECS = 0.1
-
-
-def base_directory(environ: Mapping[str, str] | None = None) -> str:
-    """`${MOE_CACHE_DIR:-~/.cache/moe}`, with `~` expanded: where this package keeps what it
-    builds once per machine (compiled programs, the CPU kernels)."""
-    environ = os.environ if environ is None else environ
-    return os.path.expanduser(environ.get("MOE_CACHE_DIR") or os.path.join("~", ".cache", "moe"))
 
 
 def default_directory(environ: Mapping[str, str] | None = None) -> str:

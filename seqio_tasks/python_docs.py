@@ -52,6 +52,8 @@ from typing import Any
 
 import tensorflow as tf
 
+from moe import cache_dirs
+
 VALIDATION_EVERY = 10  # crc32(text) % VALIDATION_EVERY == 0 -> validation, as pydoc_topics.
 MIN_DOCSTRING_CHARS = 200
 # Bump whenever the extraction below changes what a build yields: it is part of the cache key.
@@ -274,8 +276,7 @@ def cache_key(sources: Sequence[str] = SOURCES) -> str:
 
 def cache_dir() -> pathlib.Path:
     """`$MOE_CACHE_DIR/python_docs`, by default `~/.cache/moe/python_docs`."""
-    base = os.environ.get("MOE_CACHE_DIR") or os.path.join("~", ".cache", "moe")
-    return pathlib.Path(base).expanduser() / "python_docs"
+    return pathlib.Path(cache_dirs.base_directory()) / "python_docs"
 
 
 def cache_path(key: str) -> pathlib.Path:
