@@ -168,8 +168,9 @@ def memory_bandwidth(num_bytes: int = 2**29, steps: int = 5, fresh: bool = False
 
     By default y is written over x (donated): memory already mapped, the streaming bandwidth.
     `fresh=True` writes y into a new buffer, as XLA writes a step's outputs: with the system
-    allocator those pages are mapped afresh, one page fault per 4 KiB, which on a small
-    machine costs several times the streaming write (see `moe.host_memory`).
+    allocator (`MOE_HOST_MEMORY=system`) those pages are mapped afresh, one page fault per
+    4 KiB, which on a small machine costs several times the streaming write; our programs
+    reuse the blocks instead (see `moe.host_memory`).
     """
     x = jnp.ones((num_bytes // 4,), jnp.float32)
     scale = jax.jit(lambda a: a * 1.0001, donate_argnums=() if fresh else (0,))
