@@ -204,7 +204,7 @@ def dropless_choices(
     Rows move by `gather_rows` both ways, as in index dispatch: the sorted rows gather their
     tokens (backward: each token gathers its k rows) and each token gathers its k results
     (backward: each row gathers its token), so no [rows, d] scatter-add runs forward or backward
-    (on a GPU those were a third of the layer's time outside the matmuls). Only the int32
+    (on a GPU those were a quarter of the layer's time outside the matmuls). Only the int32
     table of each choice's sorted row is scattered.
 
     Split out so that the expert-parallel form (`moe.expert_parallel`) runs this same code on

@@ -214,9 +214,9 @@ def _mgpu_bwd(tiles, residuals, grad):
         transposed_ragged_dot,
     )
 
-    # The inputs' rows past the groups are not selected away (a full pass over `grad` or `x`
-    # each, as long as the matmuls' epilogue on a GPU): dx's kernel leaves them out and its
-    # output is selected; dw's kernel multiplies the last group's block by a row mask.
+    # The inputs' rows past the groups are not selected away (each select was a full pass
+    # over `grad` or `x`): dx's kernel leaves them out and its output is selected; dw's
+    # kernel multiplies the last group's block by a row mask.
     x, w, group_sizes = residuals
     dx = ragged_dot(grad, w, group_sizes=group_sizes, transpose_rhs=True, **dict(tiles))
     dx = jnp.where(_rows_computed(x.shape[0], group_sizes), dx, jnp.zeros((), dx.dtype))
