@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-import subprocess
 from pathlib import Path
 
 import jax
@@ -28,9 +27,9 @@ ENV_VAR = "MOE_CPU_KERNELS"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
-def _build(name: str, compiler: str) -> Path:
+def _build(name: str) -> Path:
     """The kernel library in the cache, built against this jaxlib's FFI headers."""
-    return native_build.build(name, compiler, [*FLAGS, "-I", jax.ffi.include_dir()],
+    return native_build.build(name, [*FLAGS, "-I", jax.ffi.include_dir()],
                               key=[jax.lib.__version__])
 
 
@@ -40,14 +39,9 @@ def load(name: str, targets: tuple[tuple[str, str], ...]) -> bool:
     for the CPU. False (logged once) when the kernels are off or cannot be built."""
     if os.environ.get(ENV_VAR, "").strip().lower() in cache_dirs.OFF_VALUES:
         return False
-    compiler = native_build.compiler()
-    if compiler is None:
-        logging.warning("No C++ compiler found (set CXX, or install g++): the CPU kernel %r is "
-                         "unavailable and XLA's own ops run instead.", name)
-        return False
     try:
-        library = ctypes.cdll.LoadLibrary(str(_build(name, compiler)))
-    except (OSError, RuntimeError, subprocess.TimeoutExpired) as error:
+        library = ctypes.cdll.LoadLibrary(str(_build(name)))
+    except (OSError, native_build.BuildError) as error:
         logging.warning("The CPU kernel %r could not be built or loaded, XLA's own ops run "
                         "instead: %s", name, error)
         return False

@@ -35,7 +35,6 @@ the library (a notebook, the test suite) are never restarted.
 import ctypes
 import os
 import platform
-import subprocess
 import sys
 from collections.abc import MutableMapping
 
@@ -71,8 +70,10 @@ def glibc_available() -> bool:
 
 
 def retained() -> bool:
-    """Whether this process runs with the block cache preloaded."""
-    return hasattr(ctypes.CDLL(None), "moe_host_block_cache_active")
+    """Whether this process runs with the block cache preloaded and serving (its address
+    range reserved, or not yet needed)."""
+    active = getattr(ctypes.CDLL(None), "moe_host_block_cache_active", None)
+    return active is not None and bool(active())
 
 
 def _say(message: str) -> None:
@@ -80,19 +81,15 @@ def _say(message: str) -> None:
 
 
 def _library() -> str | None:
-    """The built library's path, or None (said once) without a compiler or on a failed build."""
+    """The built library's path, or None (said on stderr) without a compiler or on a failed
+    build."""
     from moe import native_build  # jax-free, like this module
 
-    compiler = native_build.compiler()
-    if compiler is None:
-        _say("no C++ compiler (set CXX, or install g++): large host buffers are mapped afresh "
-             "every step; MOE_HOST_MEMORY=system silences this.")
-        return None
     try:
-        return str(native_build.build(LIBRARY, compiler, FLAGS))
-    except (OSError, RuntimeError, subprocess.TimeoutExpired) as error:
-        _say(f"the host block cache could not be built, running on the system allocator: "
-             f"{error}")
+        return str(native_build.build(LIBRARY, FLAGS))
+    except native_build.BuildError as error:
+        _say(f"the host block cache could not be built, running on the system allocator "
+             f"(MOE_HOST_MEMORY=system silences this): {error}")
         return None
 
 

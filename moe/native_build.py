@@ -26,6 +26,10 @@ from moe import cache_dirs
 SOURCE_DIR = Path(__file__).parent / "kernels"
 
 
+class BuildError(RuntimeError):
+    """No C++ compiler, or the build failed or timed out: the message says which."""
+
+
 def cache_directory() -> Path:
     """`${MOE_CACHE_DIR:-~/.cache/moe}/kernels`, beside the compilation cache."""
     return Path(cache_dirs.base_directory()) / "kernels"
@@ -50,9 +54,19 @@ def _cpu_name() -> str:
     return "\n".join(sorted(set(lines)))
 
 
-def build(name: str, compiler: str, flags: Sequence[str], key: Sequence[str] = ()) -> Path:
+def build(name: str, flags: Sequence[str], key: Sequence[str] = ()) -> Path:
     """Compile `kernels/<name>.cc` with `flags` into the cache (or find it there). Raises
-    RuntimeError (with the compiler's message) or subprocess.TimeoutExpired on failure."""
+    BuildError without a compiler (`compiler()`), or with the compiler's message on failure."""
+    compiler_name = compiler()
+    if compiler_name is None:
+        raise BuildError("no C++ compiler found (set CXX, or install g++)")
+    try:
+        return _build(name, compiler_name, flags, key)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise BuildError(f"building {name} failed: {error}") from error
+
+
+def _build(name: str, compiler: str, flags: Sequence[str], key: Sequence[str]) -> Path:
     source = SOURCE_DIR / f"{name}.cc"
     command = [compiler, *flags]
     digest = hashlib.sha256("\0".join([source.read_text(), *command, *key, platform.machine(),
@@ -67,7 +81,7 @@ def build(name: str, compiler: str, flags: Sequence[str], key: Sequence[str] = (
         result = subprocess.run([*command, str(source), "-o", partial],
                                 capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
+            raise BuildError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
         os.replace(partial, library)
     finally:
         if os.path.exists(partial):

@@ -33,6 +33,7 @@ def test_quick_check_passes_and_writes_every_kind_of_row(tmp_path, capsys, monke
         ("top1", "mask vs index"), ("top1", "dropless vs index"),
         ("top2", "mask vs index"), ("top2", "dropless vs index"),
         ("expert_choice", "mask vs index"),  # expert choice has no dropless form
+        ("top2", "mask vs index, default"),  # outputs at the default matmul precision
     }
     for row in dispatch_rows.values():
         assert row["status"] == "PASS", row
@@ -77,6 +78,24 @@ def test_a_dispatch_that_disagrees_fails_the_check(tmp_path, monkeypatch):
     status = {(r["router"], r["pair"]): r["status"] for r in rows}
     assert status[("top2", "mask vs index")] == "FAIL"
     assert status[("top2", "dropless vs index")] == "PASS"
+
+
+def test_a_grouped_matmul_that_computes_rows_past_the_groups_fails(monkeypatch):
+    """The grouped rows' check puts rows holding 1e4 past the groups: a form that runs them
+    with the last group (output there, and their share of the last weight gradient) fails,
+    the exact 'blocked' form passes."""
+    from moe import grouped_matmul as gm
+
+    def leaky(x, w, group_sizes):
+        return gm.blocked_grouped_matmul(x, w, group_sizes.at[-1].add(
+            x.shape[0] - group_sizes.sum()))
+
+    monkeypatch.setitem(gm.IMPLEMENTATIONS, "leaky", leaky)
+    sizes = {**gpu_check.SIZES["quick"], "experts": [4], "steps": 1, "warmup": 0}
+    args = gpu_check.parse_args(["--quick", "--grouped_matmuls", "blocked,leaky"])
+    checks = {r["router"]: r["status"] for r in gpu_check.grouped_rows(args, sizes)
+              if r.get("pair") == "bf16 vs f32 blocked"}
+    assert checks == {"blocked": "PASS", "leaky": "FAIL"}
 
 
 def test_speed_rows_compare_top2_with_dense_references(monkeypatch):

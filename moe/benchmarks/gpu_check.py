@@ -51,16 +51,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe.benchmarks.moe_layer import (
-    DenseFfn,
-    _dense_objective,
-    _moe_objective,
+    dense_objective_and_params,
+    moe_objective_and_params,
     router_specs,
     time_step,
 )
 from moe.moe_layer import MoeLayer
 from moe.partitioning import Partitioner
 from moe.routing import ExpertChoice, RouterSpec, TokenChoice
-from moe.routing.shell import ROUTER_STATE
 
 DISPATCHES = ("mask", "index", "dropless")
 
@@ -371,9 +369,8 @@ def _failure(error: Exception) -> dict:
 
 def _dense_time(d_ff: int, activation: str, x: jax.Array, param_dtype: Any, steps: int,
                 warmup: int) -> dict:
-    module = DenseFfn(d_ff, activation, x.dtype, param_dtype)
-    params = jax.jit(module.init)(jax.random.key(1), x)["params"]
-    return time_step(_dense_objective(module), params, x, steps, warmup)
+    return time_step(*dense_objective_and_params(d_ff, activation, x, param_dtype), x, steps,
+                     warmup)
 
 
 def speed_rows(args: argparse.Namespace, sizes: dict) -> list[dict]:
@@ -446,9 +443,7 @@ def _moe_time(spec: RouterSpec, dispatch: str, num_experts: int, x: jax.Array,
                      dispatch=dispatch, max_group_size=sizes["group_size"], dtype=x.dtype,
                      param_dtype=args.param_dtype,
                      grouped_matmul=grouped_matmul)
-    variables = nn.meta.unbox(jax.jit(layer.init)(jax.random.key(1), x))
-    objective = _moe_objective(layer, variables.get(ROUTER_STATE))
-    return time_step(objective, variables["params"], x, sizes["steps"], sizes["warmup"])
+    return time_step(*moe_objective_and_params(layer, x), x, sizes["steps"], sizes["warmup"])
 
 
 # --- Torch reference -----------------------------------------------------------------------

@@ -116,6 +116,21 @@ def _dense_objective(module: DenseFfn) -> Callable:
     return lambda params, x: jnp.sum(module.apply({"params": params}, x))
 
 
+def dense_objective_and_params(d_ff: int, activation: str, x: jax.Array,
+                               param_dtype: Any = jnp.float32) -> tuple[Callable, Any]:
+    """(objective, parameters) of the dense FFN reference on `x`, computing in x's dtype: what
+    this benchmark, `gpu_check` and `op_profile` time MoE layers against."""
+    module = DenseFfn(d_ff, activation, x.dtype, param_dtype)
+    return _dense_objective(module), jax.jit(module.init)(jax.random.key(1), x)["params"]
+
+
+def moe_objective_and_params(layer: MoeLayer, x: jax.Array) -> tuple[Callable, Any]:
+    """(objective, parameters) of an MoE layer on `x`: sum(out) + 0.01 aux + 0.001 z, the
+    router's state (if any) held at its initial value."""
+    variables = nn.meta.unbox(jax.jit(layer.init)(jax.random.key(1), x))
+    return _moe_objective(layer, variables.get(ROUTER_STATE)), variables["params"]
+
+
 def experts_alone(args: argparse.Namespace, num_experts: int) -> tuple[Callable, Any, jax.Array]:
     """(objective, params, buffers) of the experts alone on full top-1 buffers [E, G, C, d]:
     the batched matmuls every capacity dispatch runs, without routing, gather or scatter.
@@ -199,9 +214,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     rows = []
     for num_experts in args.experts:
         specs = router_specs(args.capacity_factor, args.group_size, num_experts)
-        dense = DenseFfn(args.d_ff, args.activation, dtype, jnp.dtype(args.param_dtype))
-        dense_params = dense.init(jax.random.key(1), x)["params"]
-        reference = time_step(_dense_objective(dense), dense_params, x, args.steps, args.warmup)
+        dense, dense_params = dense_objective_and_params(args.d_ff, args.activation, x,
+                                                         jnp.dtype(args.param_dtype))
+        reference = time_step(dense, dense_params, x, args.steps, args.warmup)
         # The limit of a layer with the dense FFN's FLOPs (top-1): the dense step, or reading
         # and writing the experts' weights once, whichever is longer.
         weight_bytes = num_experts * sum(
@@ -236,9 +251,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                     param_dtype=jnp.dtype(args.param_dtype),
                     expert_matmul=args.expert_matmul,
                 )
-                variables = nn.meta.unbox(layer.init(jax.random.key(1), x))
-                objective = _moe_objective(layer, variables.get(ROUTER_STATE))
-                result = time_step(objective, variables["params"], x, args.steps, args.warmup)
+                result = time_step(*moe_objective_and_params(layer, x), x, args.steps,
+                                   args.warmup)
                 capacity = spec.capacity(args.group_size, num_experts, deterministic=False)
                 rows.append(
                     {

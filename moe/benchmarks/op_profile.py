@@ -42,14 +42,16 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe.benchmarks.moe_layer import DenseFfn, _dense_objective, _moe_objective, router_specs
+from moe.benchmarks.moe_layer import (
+    dense_objective_and_params,
+    moe_objective_and_params,
+    router_specs,
+)
 from moe.moe_layer import MoeLayer
 from moe.routing.interface import DISPATCHES
-from moe.routing.shell import ROUTER_STATE
 
 WARMUP = 2  # untimed steps after compiling: the first runs allocate and autotune
 DEFAULT_CONFIGS = "dense,top1:index:8,top1:dropless:8,top1:dropless:64"
@@ -109,17 +111,14 @@ def build_step(config: Config, args: argparse.Namespace,
     with respect to the parameters and the input."""
     param_dtype = jnp.dtype(args.param_dtype)
     if config.router is None:
-        module = DenseFfn(args.d_ff, args.activation, x.dtype, param_dtype)
-        params = jax.jit(module.init)(jax.random.key(1), x)["params"]
-        objective = _dense_objective(module)
+        objective, params = dense_objective_and_params(args.d_ff, args.activation, x,
+                                                       param_dtype)
     else:
         spec = router_specs(1.0, args.group_size, config.experts)[config.router]
         layer = MoeLayer(config.experts, args.d_ff, router=spec, activation=args.activation,
                          dispatch=config.dispatch, max_group_size=args.group_size,
                          dtype=x.dtype, param_dtype=param_dtype)
-        variables = nn.meta.unbox(jax.jit(layer.init)(jax.random.key(1), x))
-        objective = _moe_objective(layer, variables.get(ROUTER_STATE))
-        params = variables["params"]
+        objective, params = moe_objective_and_params(layer, x)
     return jax.jit(jax.value_and_grad(objective, argnums=(0, 1))), params
 
 

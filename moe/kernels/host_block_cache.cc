@@ -74,9 +74,9 @@ bool Ours(const void *p) {
          static_cast<const char *>(p) < base + kReserve;
 }
 
-// A block of at least n bytes, or nullptr (then glibc serves the request). `fresh` says whether
-// its pages read as zeros.
-void *Acquire(size_t n, bool *fresh) {
+// A block of at least n bytes, or nullptr (then glibc serves the request). `fresh`, when
+// given, says whether its pages read as zeros.
+void *Acquire(size_t n, bool *fresh = nullptr) {
   size_t size = (n + kGrain - 1) & ~(kGrain - 1);
   void *out = nullptr;
   pthread_mutex_lock(&lock);
@@ -94,7 +94,7 @@ void *Acquire(size_t n, bool *fresh) {
       Block &b = blocks[best];
       b.used = true;
       if (b.dirty) idle_bytes -= b.size;
-      *fresh = !b.dirty;
+      if (fresh != nullptr) *fresh = !b.dirty;
       b.dirty = true;
       ++reused;
       out = b.start;
@@ -104,7 +104,7 @@ void *Acquire(size_t n, bool *fresh) {
         madvise(start, size, MADV_HUGEPAGE);
         top += size;
         blocks[num_blocks++] = Block{start, size, true, true};
-        *fresh = true;
+        if (fresh != nullptr) *fresh = true;
         out = start;
       }
     }
@@ -151,7 +151,8 @@ void Resume() { pthread_mutex_unlock(&lock); }
 
 extern "C" {
 
-// Present in a process exactly when this library is loaded (moe/host_memory.py checks it).
+// Nonzero while this library serves large blocks: loaded, and its address range reserved (or
+// not needed yet). moe/host_memory.py calls it.
 int moe_host_block_cache_active() { return state >= 0; }
 
 // [blocks, bytes reserved for blocks, idle resident bytes, requests served by reuse].
@@ -165,9 +166,8 @@ void moe_host_block_cache_stats(size_t out[4]) {
 }
 
 void *malloc(size_t n) {
-  bool fresh;
   if (n >= kThreshold) {
-    if (void *p = Acquire(n, &fresh)) return p;
+    if (void *p = Acquire(n)) return p;
   }
   return __libc_malloc(n);
 }
@@ -207,9 +207,8 @@ void *realloc(void *p, size_t n) {
     free(p);
     return q;
   }
-  bool fresh;
   if (n >= kThreshold) {
-    if (void *q = Acquire(n, &fresh)) {
+    if (void *q = Acquire(n)) {
       if (p != nullptr) {
         size_t old = LibcUsableSize(p);
         memcpy(q, p, old < n ? old : n);
@@ -227,9 +226,8 @@ size_t malloc_usable_size(void *p) {
 }
 
 int posix_memalign(void **out, size_t alignment, size_t n) {
-  bool fresh;
   if (n >= kThreshold && alignment <= kGrain) {
-    if (void *p = Acquire(n, &fresh)) {
+    if (void *p = Acquire(n)) {
       *out = p;
       return 0;
     }
@@ -241,9 +239,8 @@ int posix_memalign(void **out, size_t alignment, size_t n) {
 }
 
 void *aligned_alloc(size_t alignment, size_t n) {
-  bool fresh;
   if (n >= kThreshold && alignment <= kGrain) {
-    if (void *p = Acquire(n, &fresh)) return p;
+    if (void *p = Acquire(n)) return p;
   }
   return __libc_memalign(alignment, n);
 }
