@@ -5,8 +5,8 @@ for 4k tokens) by its own weight matrix. XLA:CPU runs that batched dot far below
 speed when the rows are few (it packs every weight matrix first: measured on 2 cores, one
 expert's [32, 512] x [512, 2048] at 45 GFLOP/s against 156 at 4096 rows), and the many
 experts' weight gradients then dominate a training step. `moe/kernels/expert_matmul.cc` is a
-CPU kernel for exactly this shape: register-tiled outer and dot products that read each weight
-panel once per step (forward, input gradient and weight gradient, behind a custom VJP).
+CPU kernel for exactly this shape: register-tiled outer products that read each weight matrix
+once per product (forward, input gradient and weight gradient, behind a custom VJP).
 
 Implementations:
 - 'xla': `jnp.einsum` (every backend; XLA partitions it under any mesh).
@@ -32,8 +32,9 @@ from moe import cpu_kernels
 IMPLEMENTATIONS = ("xla", "cpu_kernel")
 MAX_KERNEL_ROWS = 256
 _TARGETS = (("moe_expert_matmul_nn", "MoeExpertMatmulNN"),
-            ("moe_expert_matmul_nt", "MoeExpertMatmulNT"),
             ("moe_expert_matmul_tn", "MoeExpertMatmulTN"))
+# The kernel's widest vector in floats (AVX-512); AVX2's and NEON's divide it.
+_VECTOR_FLOATS = 16
 
 
 def kernel_available() -> bool:
@@ -59,7 +60,14 @@ def _kernel_fwd(x, w):
 
 def _kernel_bwd(residuals, grad):
     x, w = residuals
-    dx = _ffi("moe_expert_matmul_nt", x.shape, grad, w)
+    experts, rows, k = x.shape
+    # dx = grad . w^T as (w . grad^T)^T: the forward product with the weight rows as the
+    # streamed operand (see the kernel's header). grad^T's columns, the token rows, are padded
+    # to whole vectors, so that no column falls to the kernel's scalar tail.
+    pad = -rows % _VECTOR_FLOATS
+    grad_t = jnp.pad(jnp.swapaxes(grad, 1, 2), ((0, 0), (0, 0), (0, pad)))
+    dx_t = _ffi("moe_expert_matmul_nn", (experts, k, rows + pad), w, grad_t)
+    dx = jnp.swapaxes(dx_t[:, :, :rows], 1, 2)
     dw = _ffi("moe_expert_matmul_tn", w.shape, x, grad)
     return dx, dw
 
