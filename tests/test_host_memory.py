@@ -64,6 +64,24 @@ ctypes.CDLL(None).moe_host_block_cache_stats(stats)
 print(list(stats))
 """
 
+# Past the idle limit, the blocks freed longest ago give their pages back, not the newest.
+OLDEST_IDLE_FIRST = """
+import ctypes
+import numpy as np
+library = ctypes.CDLL(None)
+library.moe_host_block_cache_set_idle_limit(ctypes.c_size_t(100 << 20))
+older = np.ones(64 << 20, np.uint8)
+newer = np.ones(40 << 20, np.uint8)
+del older  # idle: 64 MiB
+del newer  # idle: 104 MiB, over the limit: the older block's pages go back
+stats = (ctypes.c_size_t * 4)()
+library.moe_host_block_cache_stats(stats)
+again = np.ones(40 << 20, np.uint8)  # served by the resident newer block
+reused = (ctypes.c_size_t * 4)()
+library.moe_host_block_cache_stats(reused)
+print(stats[2] >> 20, reused[3] - stats[3], reused[2])
+"""
+
 
 def _run(code_or_module, env_updates, module=False):
     env = {**os.environ, **env_updates}
@@ -104,6 +122,17 @@ def test_the_block_cache_keeps_mallocs_contract(library):
     blocks, reserved, idle, reused = json.loads(result.stdout)
     assert blocks >= 2 and reserved >= blocks * (32 << 20) and reused > 0
     assert 0 < idle <= reserved  # freed blocks stay resident (well under the cap here)
+
+
+@needs_glibc
+def test_past_the_idle_limit_the_oldest_idle_blocks_give_their_pages_back(library):
+    """A program that moves on to new shapes leaves idle blocks nothing asks for again; giving
+    back the newest freed block instead would fault every later step's buffers afresh."""
+    result = _run(OLDEST_IDLE_FIRST, {"LD_PRELOAD": library})
+    assert result.returncode == 0, result.stderr
+    idle_mib, reused, idle_after = map(int, result.stdout.split())
+    assert idle_mib == 40  # the newer block stayed resident, the older one was trimmed
+    assert reused == 1 and idle_after == 0
 
 
 @pytest.mark.slow  # two benchmark processes, ~35 s

@@ -10,8 +10,12 @@
 // next request of its size (up to twice as large). Everything smaller goes to glibc unchanged,
 // with glibc's per-thread arenas, so small allocations do not serialize on this lock.
 //
-// Idle blocks are kept up to a quarter of physical memory; past that a freed block's pages are
-// returned to the system (madvise DONTNEED) while its address range stays in the table.
+// Idle blocks are kept up to a quarter of physical memory; past that the pages of the blocks
+// freed longest ago are returned to the system (madvise DONTNEED) while their address ranges
+// stay in the table. Oldest first, not the block just freed: a program that moves on to new
+// shapes (a benchmark's next configuration, an evaluation after training) leaves idle blocks
+// that nothing will ask for again, and returning each newly freed block instead would fault
+// the pages of every step's buffers again from then on (measured: 320 -> 390-430 ms steps).
 // Pointers are ours exactly when they lie in the reserved range, which is how free, realloc and
 // malloc_usable_size tell our blocks from glibc's. Built and preloaded by moe/host_memory.py.
 
@@ -44,6 +48,7 @@ struct Block {
   size_t size;
   bool used;
   bool dirty;  // written since its pages were last fresh (calloc must clear it)
+  uint64_t freed;  // when it was last freed, in releases: the oldest idle block goes first
 };
 
 pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
@@ -55,6 +60,7 @@ int num_blocks = 0;
 size_t idle_bytes = 0;  // freed blocks whose pages are still resident
 size_t idle_limit = 0;
 size_t reused = 0;
+uint64_t releases = 0;
 
 void Reserve() {
   void *range = mmap(nullptr, kReserve, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
@@ -103,7 +109,7 @@ void *Acquire(size_t n, bool *fresh = nullptr) {
       if (mprotect(start, size, PROT_READ | PROT_WRITE) == 0) {
         madvise(start, size, MADV_HUGEPAGE);
         top += size;
-        blocks[num_blocks++] = Block{start, size, true, true};
+        blocks[num_blocks++] = Block{start, size, true, true, 0};
         if (fresh != nullptr) *fresh = true;
         out = start;
       }
@@ -111,6 +117,23 @@ void *Acquire(size_t n, bool *fresh = nullptr) {
   }
   pthread_mutex_unlock(&lock);
   return out;
+}
+
+// Past the idle limit, the pages of the idle blocks freed longest ago go back to the system
+// (zero on reuse). Called with the lock held.
+void TrimIdle() {
+  while (idle_bytes > idle_limit) {
+    int oldest = -1;
+    for (int i = 0; i < num_blocks; ++i) {
+      const Block &b = blocks[i];
+      if (!b.used && b.dirty && (oldest < 0 || b.freed < blocks[oldest].freed)) oldest = i;
+    }
+    if (oldest < 0) return;
+    Block &b = blocks[oldest];
+    madvise(b.start, b.size, MADV_DONTNEED);
+    b.dirty = false;
+    idle_bytes -= b.size;
+  }
 }
 
 // The block starting at p: its size, and (release) back to the table.
@@ -123,12 +146,9 @@ size_t Lookup(void *p, bool release) {
     size = b.size;
     if (release && b.used) {
       b.used = false;
-      if (idle_bytes + b.size > idle_limit) {
-        madvise(b.start, b.size, MADV_DONTNEED);  // pages back to the system, zero on reuse
-        b.dirty = false;
-      } else {
-        idle_bytes += b.size;
-      }
+      b.freed = ++releases;
+      idle_bytes += b.size;
+      TrimIdle();
     }
     break;
   }
@@ -162,6 +182,16 @@ void moe_host_block_cache_stats(size_t out[4]) {
   out[1] = top;
   out[2] = idle_bytes;
   out[3] = reused;
+  pthread_mutex_unlock(&lock);
+}
+
+// Sets the idle limit (bytes of freed blocks kept resident; default a quarter of physical
+// memory) and trims to it at once. Tests use it to reach the limit with small blocks.
+void moe_host_block_cache_set_idle_limit(size_t bytes) {
+  pthread_mutex_lock(&lock);
+  if (state == 0) Reserve();
+  idle_limit = bytes;
+  TrimIdle();
   pthread_mutex_unlock(&lock);
 }
 
