@@ -62,8 +62,10 @@ def test_cold_then_warm_processes_write_the_phases(tmp_path):
         assert run["total_seconds"] == pytest.approx(
             run["startup_seconds"] + run["time_to_first_step_seconds"])
         assert min(run[p] for p in train_speed.PHASES) > 0
-    # One cache for the round: the warm process found everything the cold one compiled.
+    # One cache for the round: the warm process found everything the cold one compiled. It
+    # may add an entry: a program compiled near the cache's 0.1 s threshold is written only
+    # by the process that took longer (seen on a loaded machine: 2 then 3 entries).
     assert cold["compilation_cache_dir"] == warm["compilation_cache_dir"]
-    assert warm["cache_entries"] == cold["cache_entries"] > 0
+    assert warm["cache_entries"] >= cold["cache_entries"] > 0
     assert summary["steps_per_second"] > 0 and "steps_per_second" not in cold
     assert summary["median"]["warm"] == train_speed.medians([warm])
