@@ -12,7 +12,7 @@ preloaded, a malloc interposer that keeps freed blocks of 32 MiB and more mapped
 to the next request of their size (up to twice as large), in 2 MiB grains with transparent huge
 pages asked for. Smaller requests go to glibc unchanged, per-thread arenas included, so small
 allocations take no new lock. Idle blocks stay resident up to a quarter of physical memory;
-past that their pages go back to the system.
+past that the pages of the blocks freed longest ago go back to the system.
 
 How: a malloc must be in place before the program starts, so `moe.start_up` builds the library
 (once per machine, `moe.native_build`, about a second) and re-executes the process with

@@ -99,8 +99,20 @@ class DenseFfn(nn.Module):
                                    self.param_dtype).astype(self.dtype)
 
 
-def _moe_objective(layer: MoeLayer, router_state: Any) -> Callable:
-    """sum(out) + 0.01 aux + 0.001 z; `router_state`: the layer's state variables, if any."""
+def dense_objective_and_params(d_ff: int, activation: str, x: jax.Array,
+                               param_dtype: Any = jnp.float32) -> tuple[Callable, Any]:
+    """(objective, parameters) of the dense FFN reference on `x`, computing in x's dtype: what
+    this benchmark, `gpu_check` and `op_profile` time MoE layers against."""
+    module = DenseFfn(d_ff, activation, x.dtype, param_dtype)
+    initial = jax.jit(module.init)(jax.random.key(1), x)["params"]
+    return lambda params, x: jnp.sum(module.apply({"params": params}, x)), initial
+
+
+def moe_objective_and_params(layer: MoeLayer, x: jax.Array) -> tuple[Callable, Any]:
+    """(objective, parameters) of an MoE layer on `x`: sum(out) + 0.01 aux + 0.001 z, the
+    router's state (if any) held at its initial value."""
+    variables = nn.meta.unbox(jax.jit(layer.init)(jax.random.key(1), x))
+    router_state = variables.get(ROUTER_STATE)
     state_variables = {ROUTER_STATE: router_state} if router_state else {}
 
     def objective(params, x):
@@ -109,26 +121,7 @@ def _moe_objective(layer: MoeLayer, router_state: Any) -> Callable:
         aux, z = diagnostics["auxiliary_loss"], diagnostics["router_z_loss"]
         return jnp.sum(y) + 0.01 * aux + 0.001 * z
 
-    return objective
-
-
-def _dense_objective(module: DenseFfn) -> Callable:
-    return lambda params, x: jnp.sum(module.apply({"params": params}, x))
-
-
-def dense_objective_and_params(d_ff: int, activation: str, x: jax.Array,
-                               param_dtype: Any = jnp.float32) -> tuple[Callable, Any]:
-    """(objective, parameters) of the dense FFN reference on `x`, computing in x's dtype: what
-    this benchmark, `gpu_check` and `op_profile` time MoE layers against."""
-    module = DenseFfn(d_ff, activation, x.dtype, param_dtype)
-    return _dense_objective(module), jax.jit(module.init)(jax.random.key(1), x)["params"]
-
-
-def moe_objective_and_params(layer: MoeLayer, x: jax.Array) -> tuple[Callable, Any]:
-    """(objective, parameters) of an MoE layer on `x`: sum(out) + 0.01 aux + 0.001 z, the
-    router's state (if any) held at its initial value."""
-    variables = nn.meta.unbox(jax.jit(layer.init)(jax.random.key(1), x))
-    return _moe_objective(layer, variables.get(ROUTER_STATE)), variables["params"]
+    return objective, variables["params"]
 
 
 def experts_alone(args: argparse.Namespace, num_experts: int) -> tuple[Callable, Any, jax.Array]:
@@ -209,13 +202,13 @@ def memory_bound(expert_weight_bytes: int, bandwidth: float) -> float:
 def run(args: argparse.Namespace) -> list[dict]:
     """The table's rows, per E: dense, experts alone, every router x dispatch. Needs
     `args.memory_bandwidth` (`main` measures it unless given)."""
-    dtype = jnp.dtype(args.dtype)
+    dtype, param_dtype = jnp.dtype(args.dtype), jnp.dtype(args.param_dtype)
     x = jax.random.normal(jax.random.key(0), (args.batch, args.length, args.d_model), dtype)
     rows = []
     for num_experts in args.experts:
         specs = router_specs(args.capacity_factor, args.group_size, num_experts)
         dense, dense_params = dense_objective_and_params(args.d_ff, args.activation, x,
-                                                         jnp.dtype(args.param_dtype))
+                                                         param_dtype)
         reference = time_step(dense, dense_params, x, args.steps, args.warmup)
         # The limit of a layer with the dense FFN's FLOPs (top-1): the dense step, or reading
         # and writing the experts' weights once, whichever is longer.
@@ -248,7 +241,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                     dispatch=dispatch,
                     max_group_size=args.group_size,
                     dtype=dtype,
-                    param_dtype=jnp.dtype(args.param_dtype),
+                    param_dtype=param_dtype,
                     expert_matmul=args.expert_matmul,
                 )
                 result = time_step(*moe_objective_and_params(layer, x), x, args.steps,
