@@ -24,12 +24,16 @@ pytestmark = pytest.mark.skipif(not em.kernel_available(),
                                 reason="no C++ compiler: the CPU kernel cannot be built")
 
 # (experts, rows, k, n): whole tiles; rows not a multiple of the 6-row tile; columns with a
-# partial panel and a scalar tail; a contraction shorter than one vector; one row; and wide
-# weights (n >= 512) at few rows, that the forward packs in blocks of 64 weight rows and adds
-# up, with a partial last block and a scalar tail, and with the columns split in two chunks
-# (30 rows x 8803 columns of output pass 1 MiB).
+# partial panel and a scalar tail; a contraction shorter than one vector; one row; a weight
+# gradient with rows of whole vectors (stored non-temporally) and a partial panel. Wide weights
+# (n >= 512) at few rows: rows of w under a page are read in place 32 at a time, with a
+# partial last block, a one-vector step and a scalar tail, and 30 rows in tiles of 14; rows of
+# a page or more are packed 64 at a time, with a partial last block, a partial panel and a
+# scalar tail, and with the columns split in two chunks (30 rows x 8803 columns of output
+# pass 1 MiB).
 SHAPES = [(4, 32, 64, 128), (3, 13, 96, 72), (2, 7, 5, 37), (5, 1, 33, 17), (1, 40, 130, 200),
-          (2, 9, 130, 530), (1, 30, 70, 8803)]
+          (3, 11, 70, 80), (2, 9, 130, 530), (2, 30, 100, 563), (2, 9, 130, 1041),
+          (1, 30, 70, 8803)]
 
 
 def _loss(implementation):

@@ -50,6 +50,22 @@ inline Vec Load(const float* p) {
   return v;
 }
 inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
+// A non-temporal store of a whole vector to an address aligned to its size: written to memory
+// without first reading the line into cache (kStreamAlignment bytes, 1 where there is none).
+// Such stores are weakly ordered: a thread fences them before it reports its work done.
+#if defined(__AVX512F__)
+constexpr int64_t kStreamAlignment = 64;
+inline void StreamStore(float* p, Vec v) { _mm512_stream_ps(p, (__m512)v); }
+inline void StreamFence() { _mm_sfence(); }
+#elif defined(__AVX__)
+constexpr int64_t kStreamAlignment = 32;
+inline void StreamStore(float* p, Vec v) { _mm256_stream_ps(p, (__m256)v); }
+inline void StreamFence() { _mm_sfence(); }
+#else
+constexpr int64_t kStreamAlignment = 1;
+inline void StreamStore(float* p, Vec v) { Store(p, v); }
+inline void StreamFence() {}
+#endif
 // A broadcast load (vbroadcastss from memory: a load port, not the shuffle port the FMAs share).
 inline Vec Splat(const float* p) {
 #if defined(__AVX512F__)
@@ -63,17 +79,31 @@ inline Vec Splat(const float* p) {
 }
 
 // ---- outer-product tiles: c[r, j] = sum_p a(r, p) * b[p, j] ---------------------------------
-// a(r, p) = a[r * a_row + p * a_depth]: either layout of the small operand.
+// a(r, p) = a[r * a_row + p * a_depth]: either layout of the small operand. kMode says how the
+// tile's sums reach c.
+enum class Output {
+  kWrite,   // c = sum
+  kAdd,     // c += sum
+  kStream,  // c = sum, stored non-temporally (c's rows and columns aligned to whole vectors)
+};
 constexpr int kOuterRows = 6;
 constexpr int kOuterVecs = 4;
 constexpr int64_t kPanel = kOuterVecs * kLanes;
 constexpr int64_t kAheadFloats = 64;
+// A weight block read in place: 14 rows x 2 vectors, 28 accumulators of AVX-512's 32
+// registers (6 x 2 of AVX's 16).
+constexpr int kInPlaceTileRows = kLanes == 16 ? 14 : kOuterRows;
+constexpr int64_t kInPlaceStep = 2 * kLanes;
+// Rows of at least a page (4 KiB) are long streams that the hardware prefetchers follow.
+constexpr int64_t kLongRowColumns = 4096 / sizeof(float);
 
-template <int R, int V, bool kAccumulate>
+// b_ahead > 0: b is a weight block read in place, and each depth step prefetches the row
+// b_ahead below it, so that the next block arrives while this one is multiplied.
+template <int R, int V, Output kMode>
 void OuterTile(int64_t depth, const float* a, int64_t a_row, int64_t a_depth, const float* b,
-               int64_t b_row, float* c, int64_t c_row) {
+               int64_t b_row, int64_t b_ahead, float* c, int64_t c_row) {
   Vec acc[R][V] = {};
-  if (kAccumulate)
+  if (kMode == Output::kAdd)
     for (int r = 0; r < R; ++r)
       for (int v = 0; v < V; ++v) acc[r][v] = Load(c + r * c_row + v * kLanes);
   for (int64_t p = 0; p < depth; ++p) {
@@ -82,6 +112,8 @@ void OuterTile(int64_t depth, const float* a, int64_t a_row, int64_t a_depth, co
     // kAheadFloats ahead (measured: 58 -> 47 ms for that product at 128 experts).
     if (a_depth == 1 && p % kLanes == 0)
       for (int r = 0; r < R; ++r) __builtin_prefetch(a + r * a_row + p + kAheadFloats);
+    if (b_ahead > 0)
+      for (int v = 0; v < V; ++v) __builtin_prefetch(b + (p + b_ahead) * b_row + v * kLanes);
     Vec bv[V];
     for (int v = 0; v < V; ++v) bv[v] = Load(b + p * b_row + v * kLanes);
     for (int r = 0; r < R; ++r) {
@@ -90,45 +122,66 @@ void OuterTile(int64_t depth, const float* a, int64_t a_row, int64_t a_depth, co
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) Store(c + r * c_row + v * kLanes, acc[r][v]);
+    for (int v = 0; v < V; ++v) {
+      if (kMode == Output::kStream) StreamStore(c + r * c_row + v * kLanes, acc[r][v]);
+      else Store(c + r * c_row + v * kLanes, acc[r][v]);
+    }
 }
 
-template <int V, bool kAccumulate>
+// The tile for `rows` (1..kMaxRows) rows of V vectors.
+template <int kMaxRows, int V, Output kMode>
 void OuterRows(int rows, int64_t depth, const float* a, int64_t a_row, int64_t a_depth,
-               const float* b, int64_t b_row, float* c, int64_t c_row) {
-  switch (rows) {
-    case 6: return OuterTile<6, V, kAccumulate>(depth, a, a_row, a_depth, b, b_row, c, c_row);
-    case 5: return OuterTile<5, V, kAccumulate>(depth, a, a_row, a_depth, b, b_row, c, c_row);
-    case 4: return OuterTile<4, V, kAccumulate>(depth, a, a_row, a_depth, b, b_row, c, c_row);
-    case 3: return OuterTile<3, V, kAccumulate>(depth, a, a_row, a_depth, b, b_row, c, c_row);
-    case 2: return OuterTile<2, V, kAccumulate>(depth, a, a_row, a_depth, b, b_row, c, c_row);
-    default: return OuterTile<1, V, kAccumulate>(depth, a, a_row, a_depth, b, b_row, c, c_row);
+               const float* b, int64_t b_row, int64_t b_ahead, float* c, int64_t c_row) {
+  if constexpr (kMaxRows > 1) {
+    if (rows < kMaxRows)
+      return OuterRows<kMaxRows - 1, V, kMode>(rows, depth, a, a_row, a_depth, b, b_row, b_ahead,
+                                               c, c_row);
   }
+  OuterTile<kMaxRows, V, kMode>(depth, a, a_row, a_depth, b, b_row, b_ahead, c, c_row);
 }
 
-template <bool kAccumulate>
+// Tiles of 3-4 vectors (packed panels) take up to kOuterRows rows, tiles of 1-2 vectors (a
+// weight block read in place) up to kInPlaceTileRows.
+template <Output kMode>
 void OuterVecs(int vecs, int rows, int64_t depth, const float* a, int64_t a_row,
-               int64_t a_depth, const float* b, int64_t b_row, float* c, int64_t c_row) {
+               int64_t a_depth, const float* b, int64_t b_row, int64_t b_ahead, float* c,
+               int64_t c_row) {
   switch (vecs) {
-    case 4: return OuterRows<4, kAccumulate>(rows, depth, a, a_row, a_depth, b, b_row, c, c_row);
-    case 3: return OuterRows<3, kAccumulate>(rows, depth, a, a_row, a_depth, b, b_row, c, c_row);
-    case 2: return OuterRows<2, kAccumulate>(rows, depth, a, a_row, a_depth, b, b_row, c, c_row);
-    case 1: return OuterRows<1, kAccumulate>(rows, depth, a, a_row, a_depth, b, b_row, c, c_row);
+    case 4: return OuterRows<kOuterRows, 4, kMode>(rows, depth, a, a_row, a_depth, b, b_row,
+                                                   b_ahead, c, c_row);
+    case 3: return OuterRows<kOuterRows, 3, kMode>(rows, depth, a, a_row, a_depth, b, b_row,
+                                                   b_ahead, c, c_row);
+    case 2: return OuterRows<kInPlaceTileRows, 2, kMode>(rows, depth, a, a_row, a_depth, b,
+                                                         b_row, b_ahead, c, c_row);
+    case 1: return OuterRows<kInPlaceTileRows, 1, kMode>(rows, depth, a, a_row, a_depth, b,
+                                                         b_row, b_ahead, c, c_row);
     default: return;
   }
 }
 
-// Rows [0, rows) x columns [col, col + width) of c, width <= kPanel, written (accumulate
-// false) or added to (true); columns past the last whole vector are summed one by one.
+// Rows [0, rows) x columns [col, col + width) of c, width <= kPanel, as `mode` says; columns
+// past the last whole vector are summed one by one (and stored plainly).
 void OuterBlock(int rows, int64_t width, int64_t depth, const float* a, int64_t a_row,
-                int64_t a_depth, const float* b, int64_t b_row, float* c, int64_t c_row,
-                bool accumulate) {
+                int64_t a_depth, const float* b, int64_t b_row, int64_t b_ahead, float* c,
+                int64_t c_row, Output mode) {
   const int vecs = static_cast<int>(width / kLanes);
-  if (accumulate) OuterVecs<true>(vecs, rows, depth, a, a_row, a_depth, b, b_row, c, c_row);
-  else OuterVecs<false>(vecs, rows, depth, a, a_row, a_depth, b, b_row, c, c_row);
+  switch (mode) {
+    case Output::kWrite:
+      OuterVecs<Output::kWrite>(vecs, rows, depth, a, a_row, a_depth, b, b_row, b_ahead, c,
+                               c_row);
+      break;
+    case Output::kAdd:
+      OuterVecs<Output::kAdd>(vecs, rows, depth, a, a_row, a_depth, b, b_row, b_ahead, c,
+                               c_row);
+      break;
+    case Output::kStream:
+      OuterVecs<Output::kStream>(vecs, rows, depth, a, a_row, a_depth, b, b_row, b_ahead, c,
+                               c_row);
+      break;
+  }
   for (int64_t j = static_cast<int64_t>(vecs) * kLanes; j < width; ++j) {
     for (int r = 0; r < rows; ++r) {
-      float s = accumulate ? c[r * c_row + j] : 0.0f;
+      float s = mode == Output::kAdd ? c[r * c_row + j] : 0.0f;
       for (int64_t p = 0; p < depth; ++p) s += a[r * a_row + p * a_depth] * b[p * b_row + j];
       c[r * c_row + j] = s;
     }
@@ -197,29 +250,38 @@ const float* PackBlock(int64_t depth, int64_t width, const float* b, int64_t b_r
   return out;
 }
 
-// The forward's unit shape: columns of w per unit and depth (rows of w) per packed block.
-// With few rows (at most kStreamedRows) and a wide w (a weight matrix, at least kWideColumns),
-// packing costs about as much as the multiply, so w is packed kDepthBlock rows at a time
-// across whole rows, read in order, and each block's product is added into y (the chunk
-// narrows only to keep an expert's y chunk within 1 MiB of L2). Measured at 128 experts
-// (32 rows) on 2 cores: 55-63 against 62-68 ms per product, 318-324 against 340-347 ms per
-// layer step; at 64 rows it was even and at 128 rows slower (45-48 against 40 ms). Otherwise
-// w is packed one 64-column panel at a time over the whole depth, which also keeps the long
-// row streams of the input gradient's left operand (the weight rows) whole.
+// The forward's unit shape: columns of w per unit, rows of w per block, and whether a block
+// is packed or read in place. With few rows (at most kStreamedRows) and a wide w (a weight
+// matrix, at least kWideColumns), a packed 64-column panel over the whole depth is used by too
+// few rows to repay its copy, and each block's product is added into y (the chunk narrows
+// only to keep an expert's y chunk within 1 MiB of L2):
+//  * rows of w of a page or more are packed kDepthBlock rows at a time across whole rows (read
+//    in order);
+//  * shorter rows are read in place kInPlaceDepth rows at a time, the first tile of each
+//    column step prefetching the next block's rows.
+// Measured at 128 experts (32 rows, d 512/2048) on 2 cores, per product: w [512, 2048] packed
+// by 64 rows 52-53 ms (in place 55-57, one panel 62-68); w [2048, 512] in place 46-48 ms
+// (packed by 64 rows 53-57). At 64 rows packing by rows was even with one panel and at 128
+// slower (45-48 against 40 ms), so more rows pack one 64-column panel over the whole depth,
+// which also keeps the long row streams of the input gradient's left operand (the weight
+// rows) whole.
 constexpr int64_t kWideColumns = 8 * kPanel;
 constexpr int64_t kStreamedRows = 32;
 constexpr int64_t kDepthBlock = 64;
+constexpr int64_t kInPlaceDepth = 32;
 
 struct ForwardShape {
   int64_t chunk, depth_block;
+  bool in_place;
 };
 
 ForwardShape ForwardUnits(int64_t rows, int64_t k, int64_t cols) {
-  if (cols < kWideColumns || rows > kStreamedRows) return {kPanel, k};
+  if (cols < kWideColumns || rows > kStreamedRows) return {kPanel, k, false};
   int64_t chunk = cols;
   while (chunk > kPanel && rows * chunk * 4 > (int64_t{1} << 20))
     chunk = std::max(kPanel, (chunk / 2 + kPanel - 1) / kPanel * kPanel);
-  return {chunk, kDepthBlock};
+  if (cols < kLongRowColumns) return {chunk, kInPlaceDepth, true};
+  return {chunk, kDepthBlock, false};
 }
 
 // nn: y[e] = x[e] . w[e]; unit = (expert, column chunk, block of rows). Rows are split into
@@ -241,6 +303,8 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   const int64_t tiles = ((rows + split - 1) / split + kOuterRows - 1) / kOuterRows;
   const int64_t block_rows = tiles * kOuterRows;
   const int64_t blocks = (rows + block_rows - 1) / block_rows;
+  const int64_t tile_cols = shape.in_place ? kInPlaceStep : kPanel;
+  const int64_t tile_rows = shape.in_place ? kInPlaceTileRows : kOuterRows;
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
@@ -252,13 +316,20 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
     float* ye = yp + e * rows * cols + c0;
     for (int64_t k0 = 0; k0 < k; k0 += shape.depth_block) {
       const int64_t depth = std::min(shape.depth_block, k - k0);
-      const float* packed = PackBlock(depth, width, wp + e * k * cols + k0 * cols + c0, cols);
-      for (int64_t col = 0; col < width; col += kPanel) {
-        const int64_t panel_width = std::min(kPanel, width - col);
-        for (int64_t r = first; r < last; r += kOuterRows) {
-          const int n = static_cast<int>(std::min<int64_t>(kOuterRows, last - r));
-          OuterBlock(n, panel_width, depth, xe + r * k + k0, k, 1, packed + col * depth,
-                     kPanel, ye + r * cols + col, cols, k0 > 0);
+      const float* block = wp + e * k * cols + k0 * cols + c0;
+      // In place, column col of the block is at block + col with rows cols apart, and the
+      // next block's rows are prefetched; packed, panel j (col = j * kPanel) is at col * depth.
+      const float* b = shape.in_place ? block : PackBlock(depth, width, block, cols);
+      const int64_t b_row = shape.in_place ? cols : kPanel;
+      const int64_t col_stride = shape.in_place ? 1 : depth;
+      const int64_t ahead = shape.in_place ? std::min(depth, k - k0 - depth) : 0;
+      const Output mode = k0 > 0 ? Output::kAdd : Output::kWrite;
+      for (int64_t col = 0; col < width; col += tile_cols) {
+        const int64_t tile_width = std::min(tile_cols, width - col);
+        for (int64_t r = first; r < last; r += tile_rows) {
+          const int n = static_cast<int>(std::min(tile_rows, last - r));
+          OuterBlock(n, tile_width, depth, xe + r * k + k0, k, 1, b + col * col_stride, b_row,
+                     r == first ? ahead : 0, ye + r * cols + col, cols, mode);
         }
       }
     }
@@ -267,7 +338,13 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
 }
 
 // tn: dw[e] = x[e]^T . g[e]; unit = (expert, block of weight rows), all columns inside, so
-// each unit writes whole rows of dw.
+// each unit writes whole rows of dw. dw (512 MiB a weight at 128 experts, d 512/2048) is far
+// larger than the caches, so whoever reads it next reads it from memory. Rows shorter than a
+// page (kLongRowColumns) are six short write streams per tile that the prefetchers do not
+// follow, so each tile's stores waited for their lines to be read first; those rows are stored
+// non-temporally, without the read. Measured at 128 experts (32 rows) on 2 cores: h^T.g
+// [2048, 512] 52-54 -> 41 ms; x^T.g [512, 2048], whose 8 KiB rows stream, went 34-36 -> 37
+// ms that way and keeps plain stores.
 ffi::Error WeightGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
                           ffi::ResultBuffer<ffi::F32> dw) {
   auto xd = x.dimensions(), gd = g.dimensions();
@@ -280,6 +357,10 @@ ffi::Error WeightGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   const float* xp = x.typed_data();
   const float* gp = g.typed_data();
   float* dwp = dw->typed_data();
+  const bool stream = kStreamAlignment > 1 && cols < kLongRowColumns &&
+                      reinterpret_cast<uintptr_t>(dwp) % kStreamAlignment == 0 &&
+                      cols * sizeof(float) % kStreamAlignment == 0;
+  const Output mode = stream ? Output::kStream : Output::kWrite;
   ParallelFor(pool, experts * blocks, [=](int64_t u) {
     const int64_t e = u / blocks, i = (u % blocks) * kOuterRows;
     const int n = static_cast<int>(std::min<int64_t>(kOuterRows, k - i));
@@ -288,8 +369,9 @@ ffi::Error WeightGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
     float* dwe = dwp + e * k * cols + i * cols;
     for (int64_t col = 0; col < cols; col += kPanel) {
       const int64_t width = std::min(kPanel, cols - col);
-      OuterBlock(n, width, rows, xe, 1, k, ge + col, cols, dwe + col, cols, false);
+      OuterBlock(n, width, rows, xe, 1, k, ge + col, cols, 0, dwe + col, cols, mode);
     }
+    if (stream) StreamFence();
   });
   return ffi::Error::Success();
 }
