@@ -90,10 +90,11 @@ constexpr int kOuterRows = 6;
 constexpr int kOuterVecs = 4;
 constexpr int64_t kPanel = kOuterVecs * kLanes;
 constexpr int64_t kAheadFloats = 64;
-// A weight block read in place: 14 rows x 2 vectors, 28 accumulators of AVX-512's 32
-// registers (6 x 2 of AVX's 16).
-constexpr int kInPlaceTileRows = kLanes == 16 ? 14 : kOuterRows;
-constexpr int64_t kInPlaceStep = 2 * kLanes;
+// Tiles of at most two vectors (a weight block read in place, or the input gradient's
+// transposed output at 32 rows or fewer) take 14 rows: 28 accumulators of AVX-512's 32
+// registers (6 x 2 of AVX's 16). At 128 experts the input gradient went 44-49 -> 40-48 ms.
+constexpr int kNarrowTileRows = kLanes == 16 ? 14 : kOuterRows;
+constexpr int64_t kNarrowTileCols = 2 * kLanes;
 // Rows of at least a page (4 KiB) are long streams that the hardware prefetchers follow.
 constexpr int64_t kLongRowColumns = 4096 / sizeof(float);
 
@@ -140,8 +141,7 @@ void OuterRows(int rows, int64_t depth, const float* a, int64_t a_row, int64_t a
   OuterTile<kMaxRows, V, kMode>(depth, a, a_row, a_depth, b, b_row, b_ahead, c, c_row);
 }
 
-// Tiles of 3-4 vectors (packed panels) take up to kOuterRows rows, tiles of 1-2 vectors (a
-// weight block read in place) up to kInPlaceTileRows.
+// Tiles of 3-4 vectors take up to kOuterRows rows, tiles of 1-2 vectors up to kNarrowTileRows.
 template <Output kMode>
 void OuterVecs(int vecs, int rows, int64_t depth, const float* a, int64_t a_row,
                int64_t a_depth, const float* b, int64_t b_row, int64_t b_ahead, float* c,
@@ -151,9 +151,9 @@ void OuterVecs(int vecs, int rows, int64_t depth, const float* a, int64_t a_row,
                                                    b_ahead, c, c_row);
     case 3: return OuterRows<kOuterRows, 3, kMode>(rows, depth, a, a_row, a_depth, b, b_row,
                                                    b_ahead, c, c_row);
-    case 2: return OuterRows<kInPlaceTileRows, 2, kMode>(rows, depth, a, a_row, a_depth, b,
+    case 2: return OuterRows<kNarrowTileRows, 2, kMode>(rows, depth, a, a_row, a_depth, b,
                                                          b_row, b_ahead, c, c_row);
-    case 1: return OuterRows<kInPlaceTileRows, 1, kMode>(rows, depth, a, a_row, a_depth, b,
+    case 1: return OuterRows<kNarrowTileRows, 1, kMode>(rows, depth, a, a_row, a_depth, b,
                                                          b_row, b_ahead, c, c_row);
     default: return;
   }
@@ -303,8 +303,9 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   const int64_t tiles = ((rows + split - 1) / split + kOuterRows - 1) / kOuterRows;
   const int64_t block_rows = tiles * kOuterRows;
   const int64_t blocks = (rows + block_rows - 1) / block_rows;
-  const int64_t tile_cols = shape.in_place ? kInPlaceStep : kPanel;
-  const int64_t tile_rows = shape.in_place ? kInPlaceTileRows : kOuterRows;
+  const int64_t tile_cols = shape.in_place ? kNarrowTileCols : kPanel;
+  const int64_t tile_rows =
+      shape.in_place || cols <= kNarrowTileCols ? kNarrowTileRows : kOuterRows;
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
