@@ -32,6 +32,7 @@ from moe import cpu_kernels
 IMPLEMENTATIONS = ("xla", "cpu_kernel")
 MAX_KERNEL_ROWS = 256
 _TARGETS = (("moe_expert_matmul_nn", "MoeExpertMatmulNN"),
+            ("moe_expert_matmul_nt", "MoeExpertMatmulNT"),
             ("moe_expert_matmul_tn", "MoeExpertMatmulTN"))
 # The kernel's widest vector in floats (AVX-512); AVX2's and NEON's divide it.
 _VECTOR_FLOATS = 16
@@ -62,11 +63,11 @@ def _kernel_bwd(residuals, grad):
     x, w = residuals
     experts, rows, k = x.shape
     # dx = grad . w^T as (w . grad^T)^T: the forward product with the weight rows as the
-    # streamed operand (see the kernel's header). grad^T's columns, the token rows, are padded
+    # streamed operand (see the kernel's header). The token rows, dx^T's columns, are padded
     # to whole vectors, so that no column falls to the kernel's scalar tail.
     pad = -rows % _VECTOR_FLOATS
-    grad_t = jnp.pad(jnp.swapaxes(grad, 1, 2), ((0, 0), (0, 0), (0, pad)))
-    dx_t = _ffi("moe_expert_matmul_nn", (experts, k, rows + pad), w, grad_t)
+    padded = jnp.pad(grad, ((0, 0), (0, pad), (0, 0)))
+    dx_t = _ffi("moe_expert_matmul_nt", (experts, k, rows + pad), w, padded)
     dx = jnp.swapaxes(dx_t[:, :, :rows], 1, 2)
     dw = _ffi("moe_expert_matmul_tn", w.shape, x, grad)
     return dx, dw

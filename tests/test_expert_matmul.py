@@ -30,10 +30,11 @@ pytestmark = pytest.mark.skipif(not em.kernel_available(),
 # partial last block, a one-vector step and a scalar tail, and 30 rows in tiles of 14; rows of
 # a page or more are packed 64 at a time, with a partial last block, a partial panel and a
 # scalar tail, and with the columns split in two chunks (30 rows x 8803 columns of output
-# pass 1 MiB).
+# pass 1 MiB). The input gradient w . g^T packs g^T from g: over two panels (70 token rows),
+# and at 520 token rows by blocks of weight rows (w^T's rows are never read in place).
 SHAPES = [(4, 32, 64, 128), (3, 13, 96, 72), (2, 7, 5, 37), (5, 1, 33, 17), (1, 40, 130, 200),
           (3, 11, 70, 80), (2, 9, 130, 530), (2, 30, 100, 563), (2, 9, 130, 1041),
-          (1, 30, 70, 8803)]
+          (1, 30, 70, 8803), (2, 70, 24, 40), (1, 520, 20, 12)]
 
 
 def _loss(implementation):
@@ -103,7 +104,7 @@ def test_the_layer_passes_its_choice_to_the_experts(dispatch):
         return jax.jit(jax.grad(loss)).lower(params).as_text()
 
     kernel = lowered()  # 'auto': float32, 16 rows per expert, no mesh
-    assert all(f"moe_expert_matmul_{p}" in kernel for p in ("nn", "tn"))
+    assert all(f"moe_expert_matmul_{p}" in kernel for p in ("nn", "nt", "tn"))
     assert "moe_expert_matmul" not in lowered(expert_matmul="xla")
 
 
@@ -124,10 +125,10 @@ def test_auto_picks_the_kernel_only_where_it_pays():
     mesh = jax.make_mesh((2, 4), ("data", "expert"))
     with jax.set_mesh(mesh):
         assert "moe_expert_matmul" not in _lowered(small, w)
-    # Asked for by name, the backward runs both gradients on the kernel: the input gradient as
-    # the forward product on the transposed gradient, then the weight gradient.
+    # Asked for by name, the backward runs both gradients on the kernel: the input gradient
+    # (w . g^T, g^T packed by the kernel from g itself) and the weight gradient.
     grad = jax.jit(jax.grad(_loss("cpu_kernel"), argnums=(0, 1))).lower(small, w).as_text()
-    assert grad.count("moe_expert_matmul_nn") == 2 and "moe_expert_matmul_tn" in grad
+    assert [grad.count(f"moe_expert_matmul_{p}") for p in ("nn", "nt", "tn")] == [1, 1, 1]
 
 
 def test_a_tpu_program_lowered_here_gets_the_einsum():

@@ -6,13 +6,15 @@
 // kernels use register tiles of outer products, each loaded weight element used for every
 // token row in the tile.
 //
-// Two products, row-major float32, E experts:
+// Three products, row-major float32, E experts:
 //   nn: x [E, M, K] . w [E, K, N]   -> y  [E, M, N]   (forward)
+//   nt: w [E, K, N] . g [E, M, N]^T -> dx^T [E, K, M] (input gradient, transposed)
 //   tn: x [E, M, K]^T . g [E, M, N] -> dw [E, K, N]   (weight gradient)
-// The input gradient g . w^T is nn on (w, g^T), transposed back by the caller: there the
-// weight rows are the tiles' broadcast operand, each read once, front to back, and g^T (small)
-// is the packed panel. Measured at 128 experts on 2 cores, the product took 52-67 ms as
-// dot-product tiles over the weight rows, 37-47 ms this way (with the tiles' prefetch).
+// nt is the forward's code with g^T packed from g's rows: the weight rows are the tiles'
+// broadcast operand, each read once, front to back, and g^T (small) is the packed panel.
+// Measured at 128 experts on 2 cores, the input gradient took 52-67 ms as dot-product tiles
+// over the weight rows, 37-47 ms this way (with the tiles' prefetch); packing g^T here
+// instead of transposing g in XLA first saves the transposes' 42 MB of copies.
 // Work is split into independent units (an expert's column chunk and row block, or its block
 // of weight-gradient rows) that the calling thread and XLA's intra-op thread pool claim from
 // one atomic counter.
@@ -227,16 +229,27 @@ ffi::Error CheckOperands(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b,
   return ok ? ffi::Error::Success() : ffi::Error::InvalidArgument(expected);
 }
 
-// Rows [0, depth) x columns [0, width) of b (row stride b_row) copied panel by panel into a
-// per-thread buffer, [panels][depth][kPanel]: the tiles then read each panel sequentially
-// from cache instead of one row per depth step at b's stride. A single panel's rows lie in
-// distinct pages and are prefetched ahead; whole rows stream in order by themselves.
-const float* PackBlock(int64_t depth, int64_t width, const float* b, int64_t b_row) {
+// Rows [0, depth) x columns [0, width) of b copied panel by panel into a per-thread buffer,
+// [panels][depth][kPanel]: the tiles then read each panel sequentially from cache instead of
+// one row per depth step at b's stride. b[p, j] is at b + p * b_row, or, given transposed
+// (b_row = 1, the input gradient's g), at b + j * b_col. A single panel's rows lie in distinct
+// pages and are prefetched ahead; whole rows stream in order by themselves.
+const float* PackBlock(int64_t depth, int64_t width, const float* b, int64_t b_row,
+                       int64_t b_col) {
   const int64_t panels = (width + kPanel - 1) / kPanel;
   thread_local std::vector<float> buffer;
   if (static_cast<int64_t>(buffer.size()) < panels * depth * kPanel)
     buffer.resize(panels * depth * kPanel);
   float* out = buffer.data();
+  if (b_row == 1) {  // b^T: the block's columns are rows of b, read side by side
+    for (int64_t j0 = 0; j0 < width; j0 += kPanel) {
+      const int64_t n = std::min(kPanel, width - j0);
+      float* panel = out + j0 * depth;
+      for (int64_t p = 0; p < depth; ++p)
+        for (int64_t j = 0; j < n; ++j) panel[p * kPanel + j] = b[(j0 + j) * b_col + p];
+    }
+    return out;
+  }
   constexpr int64_t kAhead = 16;  // rows
   for (int64_t p = 0; p < depth; ++p) {
     if (panels == 1 && p + kAhead < depth) {
@@ -284,18 +297,24 @@ ForwardShape ForwardUnits(int64_t rows, int64_t k, int64_t cols) {
   return {chunk, kDepthBlock, false};
 }
 
-// nn: y[e] = x[e] . w[e]; unit = (expert, column chunk, block of rows). Rows are split into
-// blocks only when experts x chunks would leave threads idle (few experts, or the input
-// gradient's transposed output of one or two panels).
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                   ffi::ResultBuffer<ffi::F32> y) {
+// nn: y[e] = x[e] . w[e], or nt (w_transposed): y[e] = x[e] . w[e]^T with w [E, N, K];
+// unit = (expert, column chunk, block of rows). Rows are split into blocks only when experts x
+// chunks would leave threads idle (few experts, or the input gradient's output of one or two
+// panels).
+ffi::Error Product(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                   ffi::ResultBuffer<ffi::F32> y, bool w_transposed) {
   auto xd = x.dimensions(), wd = w.dimensions();
-  if (auto e = CheckOperands(xd, wd, 2, 1,
-                             "moe_expert_matmul_nn: x [E, M, K] and w [E, K, N] expected");
+  if (auto e = w_transposed
+                   ? CheckOperands(xd, wd, 2, 2,
+                                   "moe_expert_matmul_nt: x [E, M, K] and w [E, N, K] expected")
+                   : CheckOperands(xd, wd, 2, 1,
+                                   "moe_expert_matmul_nn: x [E, M, K] and w [E, K, N] expected");
       e.failure())
     return e;
-  const int64_t experts = xd[0], rows = xd[1], k = xd[2], cols = wd[2];
-  const ForwardShape shape = ForwardUnits(rows, k, cols);
+  const int64_t experts = xd[0], rows = xd[1], k = xd[2], cols = wd[w_transposed ? 1 : 2];
+  // w^T's rows are w's columns: never read in place.
+  ForwardShape shape = ForwardUnits(rows, k, cols);
+  if (w_transposed && shape.in_place) shape = {shape.chunk, kDepthBlock, false};
   const int64_t chunks = (cols + shape.chunk - 1) / shape.chunk;
   const int64_t wanted = (4 * pool.num_threads() + experts * chunks - 1) / (experts * chunks);
   const int64_t most = (rows + 8 * kOuterRows - 1) / (8 * kOuterRows);  // >= 8 tiles a block
@@ -317,10 +336,13 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
     float* ye = yp + e * rows * cols + c0;
     for (int64_t k0 = 0; k0 < k; k0 += shape.depth_block) {
       const int64_t depth = std::min(shape.depth_block, k - k0);
-      const float* block = wp + e * k * cols + k0 * cols + c0;
+      // w[p, j] of the expert is at w_e + p * w_row + j * w_col.
+      const int64_t w_row = w_transposed ? 1 : cols, w_col = w_transposed ? k : 1;
+      const float* block = wp + e * k * cols + k0 * w_row + c0 * w_col;
       // In place, column col of the block is at block + col with rows cols apart, and the
       // next block's rows are prefetched; packed, panel j (col = j * kPanel) is at col * depth.
-      const float* b = shape.in_place ? block : PackBlock(depth, width, block, cols);
+      const float* b =
+          shape.in_place ? block : PackBlock(depth, width, block, w_row, w_col);
       const int64_t b_row = shape.in_place ? cols : kPanel;
       const int64_t col_stride = shape.in_place ? 1 : depth;
       const int64_t ahead = shape.in_place ? std::min(depth, k - k0 - depth) : 0;
@@ -336,6 +358,16 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
     }
   });
   return ffi::Error::Success();
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                   ffi::ResultBuffer<ffi::F32> y) {
+  return Product(pool, x, w, y, false);
+}
+
+ffi::Error InputGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w,
+                         ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dx_t) {
+  return Product(pool, w, g, dx_t, true);
 }
 
 // tn: dw[e] = x[e]^T . g[e]; unit = (expert, block of weight rows), all columns inside, so
@@ -389,4 +421,5 @@ static auto TwoOperandsOneResult() {
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MoeExpertMatmulNN, Forward, TwoOperandsOneResult());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoeExpertMatmulNT, InputGradient, TwoOperandsOneResult());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MoeExpertMatmulTN, WeightGradient, TwoOperandsOneResult());
