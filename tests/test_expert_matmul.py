@@ -26,12 +26,12 @@ pytestmark = pytest.mark.skipif(not em.kernel_available(),
 # (experts, rows, k, n): whole tiles; rows not a multiple of the 6-row tile; columns with a
 # partial panel and a scalar tail; a contraction shorter than one vector; one row; a weight
 # gradient with rows of whole vectors (stored non-temporally) and a partial panel. Wide weights
-# (n >= 512) at few rows: rows of w under a page are read in place 32 at a time, with a
-# partial last block, a one-vector step and a scalar tail, and 30 rows in tiles of 14; rows of
-# a page or more are packed 64 at a time, with a partial last block, a partial panel and a
-# scalar tail, and with the columns split in two chunks (30 rows x 8803 columns of output
-# pass 1 MiB). The input gradient w . g^T packs g^T from g: over two panels (70 token rows),
-# and at 520 token rows by blocks of weight rows (w^T's rows are never read in place).
+# (n >= 512) at few rows are read in place 32 weight rows at a time: rows under a page (the
+# tiles prefetch the next block) and of a page or more (they prefetch along the row), with a
+# partial last block, a one-vector step and a scalar tail, 30 rows in tiles of 14, and the
+# columns split in two chunks (30 rows x 8803 columns of output pass 1 MiB). The input
+# gradient w . g^T packs g^T from g: over two panels (70 token rows), and at 520 token rows
+# (w^T's rows are never read in place).
 SHAPES = [(4, 32, 64, 128), (3, 13, 96, 72), (2, 7, 5, 37), (5, 1, 33, 17), (1, 40, 130, 200),
           (3, 11, 70, 80), (2, 9, 130, 530), (2, 30, 100, 563), (2, 9, 130, 1041),
           (1, 30, 70, 8803), (2, 70, 24, 40), (1, 520, 20, 12)]

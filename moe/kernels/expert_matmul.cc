@@ -14,9 +14,7 @@
 // broadcast operand, each read once, front to back, and g^T (small) is the packed panel.
 // Measured at 128 experts on 2 cores, the input gradient took 52-67 ms as dot-product tiles
 // over the weight rows, 37-47 ms this way (with the tiles' prefetch); packing g^T here
-// instead of transposing g in XLA first saves the transposes' 42 MB of copies (storing dx
-// itself from the tiles, transposed one float at a time, made the layer step slower: 292-305
-// against 275-283 ms).
+// instead of transposing g in XLA first saves the transposes' 42 MB of copies.
 // Work is split into independent units (an expert's column chunk and row block, or its block
 // of weight-gradient rows) that the calling thread and XLA's intra-op thread pool claim from
 // one atomic counter.
@@ -102,8 +100,8 @@ constexpr int64_t kNarrowTileCols = 2 * kLanes;
 // Rows of at least a page (4 KiB) are long streams that the hardware prefetchers follow.
 constexpr int64_t kLongRowColumns = 4096 / sizeof(float);
 
-// b_ahead > 0: b is a weight block read in place, and each depth step prefetches the row
-// b_ahead below it, so that the next block arrives while this one is multiplied.
+// b_ahead > 0: b is a weight block read in place, and each depth step prefetches the lines
+// b_ahead floats past those it reads (further along the row, or the next block's row).
 template <int R, int V, Output kMode>
 void OuterTile(int64_t depth, const float* a, int64_t a_row, int64_t a_depth, const float* b,
                int64_t b_row, int64_t b_ahead, float* c, int64_t c_row) {
@@ -118,7 +116,7 @@ void OuterTile(int64_t depth, const float* a, int64_t a_row, int64_t a_depth, co
     if (a_depth == 1 && p % kLanes == 0)
       for (int r = 0; r < R; ++r) __builtin_prefetch(a + r * a_row + p + kAheadFloats);
     if (b_ahead > 0)
-      for (int v = 0; v < V; ++v) __builtin_prefetch(b + (p + b_ahead) * b_row + v * kLanes);
+      for (int v = 0; v < V; ++v) __builtin_prefetch(b + p * b_row + b_ahead + v * kLanes);
     Vec bv[V];
     for (int v = 0; v < V; ++v) bv[v] = Load(b + p * b_row + v * kLanes);
     for (int r = 0; r < R; ++r) {
@@ -231,72 +229,59 @@ ffi::Error CheckOperands(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b,
   return ok ? ffi::Error::Success() : ffi::Error::InvalidArgument(expected);
 }
 
-// Rows [0, depth) x columns [0, width) of b copied panel by panel into a per-thread buffer,
-// [panels][depth][kPanel]: the tiles then read each panel sequentially from cache instead of
-// one row per depth step at b's stride. b[p, j] is at b + p * b_row, or, given transposed
-// (b_row = 1, the input gradient's g), at b + j * b_col. A single panel's rows lie in distinct
-// pages and are prefetched ahead; whole rows stream in order by themselves.
-const float* PackBlock(int64_t depth, int64_t width, const float* b, int64_t b_row,
+// Rows [0, depth) x columns [0, width <= kPanel) of b copied into a per-thread panel
+// [depth][kPanel]: the tiles then read it sequentially from cache instead of one row per depth
+// step at b's stride. b[p, j] is at b + p * b_row, or, given transposed (b_row = 1: the input
+// gradient's g), at b + j * b_col. The panel's rows lie in distinct pages and are prefetched
+// ahead; the transposed panel's columns are rows of b, read side by side.
+const float* PackPanel(int64_t depth, int64_t width, const float* b, int64_t b_row,
                        int64_t b_col) {
-  const int64_t panels = (width + kPanel - 1) / kPanel;
   thread_local std::vector<float> buffer;
-  if (static_cast<int64_t>(buffer.size()) < panels * depth * kPanel)
-    buffer.resize(panels * depth * kPanel);
+  if (static_cast<int64_t>(buffer.size()) < depth * kPanel) buffer.resize(depth * kPanel);
   float* out = buffer.data();
-  if (b_row == 1) {  // b^T: the block's columns are rows of b, read side by side
-    for (int64_t j0 = 0; j0 < width; j0 += kPanel) {
-      const int64_t n = std::min(kPanel, width - j0);
-      float* panel = out + j0 * depth;
-      for (int64_t p = 0; p < depth; ++p)
-        for (int64_t j = 0; j < n; ++j) panel[p * kPanel + j] = b[(j0 + j) * b_col + p];
-    }
+  if (b_row == 1) {
+    for (int64_t p = 0; p < depth; ++p)
+      for (int64_t j = 0; j < width; ++j) out[p * kPanel + j] = b[j * b_col + p];
     return out;
   }
   constexpr int64_t kAhead = 16;  // rows
   for (int64_t p = 0; p < depth; ++p) {
-    if (panels == 1 && p + kAhead < depth) {
+    if (p + kAhead < depth)
       for (int64_t j = 0; j < width; j += 16) __builtin_prefetch(b + (p + kAhead) * b_row + j);
-    }
-    for (int64_t j = 0; j < panels; ++j) {
-      const int64_t n = std::min(kPanel, width - j * kPanel);
-      std::memcpy(out + (j * depth + p) * kPanel, b + p * b_row + j * kPanel, n * 4);
-    }
+    std::memcpy(out + p * kPanel, b + p * b_row, width * 4);
   }
   return out;
 }
 
-// The forward's unit shape: columns of w per unit, rows of w per block, and whether a block
-// is packed or read in place. With few rows (at most kStreamedRows) and a wide w (a weight
-// matrix, at least kWideColumns), a packed 64-column panel over the whole depth is used by too
-// few rows to repay its copy, and each block's product is added into y (the chunk narrows
-// only to keep an expert's y chunk within 1 MiB of L2):
-//  * rows of w of a page or more are packed kDepthBlock rows at a time across whole rows (read
-//    in order);
-//  * shorter rows are read in place kInPlaceDepth rows at a time, the first tile of each
-//    column step prefetching the next block's rows.
-// Measured at 128 experts (32 rows, d 512/2048) on 2 cores, per product: w [512, 2048] packed
-// by 64 rows 52-53 ms (in place 55-57, one panel 62-68); w [2048, 512] in place 46-48 ms
-// (packed by 64 rows 53-57). At 64 rows packing by rows was even with one panel and at 128
-// slower (45-48 against 40 ms), so more rows pack one 64-column panel over the whole depth,
-// which also keeps the long row streams of the input gradient's left operand (the weight
-// rows) whole.
+// The forward's unit shape: columns of w per unit, and whether w is read in place. With few
+// rows (at most kStreamedRows) and a wide w (a weight matrix, at least kWideColumns), a panel
+// packed over the whole depth is used by too few rows to repay its copy: w is read in place,
+// kInPlaceDepth rows at a time across the unit's columns, in tiles of kNarrowTileRows x
+// kNarrowTileCols that add each block's product into y (the chunk narrows only to keep an
+// expert's y chunk within 1 MiB of L2). The first tile of each column step prefetches w
+// kAheadFloats further along its rows when they are a page or longer, else the next block's
+// rows (a short row ends before the prefetch pays). Otherwise w is packed one kPanel-column
+// panel at a time over the whole depth, which also keeps the long row streams of the input
+// gradient's left operand (the weight rows) whole.
+// Measured at 128 experts (32 rows, d 512/2048) on 2 cores, per product: w [512, 2048] in
+// place 42-43 ms (prefetching the next block 55-57, packed 64 rows at a time 50-53, one panel
+// 62-68), w [2048, 512] in place 43-47 ms (prefetching along the rows 47-48, packed by 64 rows
+// 53-57). At 128 and 512 rows in place was slower (40-48 against 40 ms).
 constexpr int64_t kWideColumns = 8 * kPanel;
 constexpr int64_t kStreamedRows = 32;
-constexpr int64_t kDepthBlock = 64;
 constexpr int64_t kInPlaceDepth = 32;
 
 struct ForwardShape {
-  int64_t chunk, depth_block;
+  int64_t chunk;
   bool in_place;
 };
 
-ForwardShape ForwardUnits(int64_t rows, int64_t k, int64_t cols) {
-  if (cols < kWideColumns || rows > kStreamedRows) return {kPanel, k, false};
+ForwardShape ForwardUnits(int64_t rows, int64_t cols) {
+  if (cols < kWideColumns || rows > kStreamedRows) return {kPanel, false};
   int64_t chunk = cols;
   while (chunk > kPanel && rows * chunk * 4 > (int64_t{1} << 20))
     chunk = std::max(kPanel, (chunk / 2 + kPanel - 1) / kPanel * kPanel);
-  if (cols < kLongRowColumns) return {chunk, kInPlaceDepth, true};
-  return {chunk, kDepthBlock, false};
+  return {chunk, true};
 }
 
 // nn: y[e] = x[e] . w[e], or nt (w_transposed): y[e] = x[e] . w[e]^T with w [E, N, K];
@@ -314,9 +299,9 @@ ffi::Error Product(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
       e.failure())
     return e;
   const int64_t experts = xd[0], rows = xd[1], k = xd[2], cols = wd[w_transposed ? 1 : 2];
-  // w^T's rows are w's columns: never read in place.
-  ForwardShape shape = ForwardUnits(rows, k, cols);
-  if (w_transposed && shape.in_place) shape = {shape.chunk, kDepthBlock, false};
+  // nt's w^T (the input gradient's g^T) is small, and its rows are w's columns: packed.
+  const ForwardShape shape = w_transposed ? ForwardShape{kPanel, false} : ForwardUnits(rows, cols);
+  const int64_t depth_block = shape.in_place ? kInPlaceDepth : k;
   const int64_t chunks = (cols + shape.chunk - 1) / shape.chunk;
   const int64_t wanted = (4 * pool.num_threads() + experts * chunks - 1) / (experts * chunks);
   const int64_t most = (rows + 8 * kOuterRows - 1) / (8 * kOuterRows);  // >= 8 tiles a block
@@ -327,6 +312,8 @@ ffi::Error Product(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   const int64_t tile_cols = shape.in_place ? kNarrowTileCols : kPanel;
   const int64_t tile_rows =
       shape.in_place || cols <= kNarrowTileCols ? kNarrowTileRows : kOuterRows;
+  // w[p, j] of an expert is at w_e + p * w_row + j * w_col.
+  const int64_t w_row = w_transposed ? 1 : cols, w_col = w_transposed ? k : 1;
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
@@ -336,25 +323,30 @@ ffi::Error Product(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
     const int64_t width = std::min(shape.chunk, cols - c0);
     const float* xe = xp + e * rows * k;
     float* ye = yp + e * rows * cols + c0;
-    for (int64_t k0 = 0; k0 < k; k0 += shape.depth_block) {
-      const int64_t depth = std::min(shape.depth_block, k - k0);
-      // w[p, j] of the expert is at w_e + p * w_row + j * w_col.
-      const int64_t w_row = w_transposed ? 1 : cols, w_col = w_transposed ? k : 1;
+    for (int64_t k0 = 0; k0 < k; k0 += depth_block) {
+      const int64_t depth = std::min(depth_block, k - k0);
       const float* block = wp + e * k * cols + k0 * w_row + c0 * w_col;
-      // In place, column col of the block is at block + col with rows cols apart, and the
-      // next block's rows are prefetched; packed, panel j (col = j * kPanel) is at col * depth.
-      const float* b =
-          shape.in_place ? block : PackBlock(depth, width, block, w_row, w_col);
-      const int64_t b_row = shape.in_place ? cols : kPanel;
-      const int64_t col_stride = shape.in_place ? 1 : depth;
-      const int64_t ahead = shape.in_place ? std::min(depth, k - k0 - depth) : 0;
       const Output mode = k0 > 0 ? Output::kAdd : Output::kWrite;
-      for (int64_t col = 0; col < width; col += tile_cols) {
-        const int64_t tile_width = std::min(tile_cols, width - col);
+      if (shape.in_place) {
+        const int64_t next_rows = std::min(depth, k - k0 - depth);
+        const int64_t ahead = cols >= kLongRowColumns ? kAheadFloats : next_rows * cols;
+        for (int64_t col = 0; col < width; col += tile_cols) {
+          for (int64_t r = first; r < last; r += tile_rows) {
+            const int n = static_cast<int>(std::min(tile_rows, last - r));
+            OuterBlock(n, std::min(tile_cols, width - col), depth, xe + r * k + k0, k, 1,
+                       block + col, cols, r == first ? ahead : 0, ye + r * cols + col, cols,
+                       mode);
+          }
+        }
+        continue;
+      }
+      for (int64_t col = 0; col < width; col += kPanel) {
+        const int64_t panel_width = std::min(kPanel, width - col);
+        const float* panel = PackPanel(depth, panel_width, block + col * w_col, w_row, w_col);
         for (int64_t r = first; r < last; r += tile_rows) {
           const int n = static_cast<int>(std::min(tile_rows, last - r));
-          OuterBlock(n, tile_width, depth, xe + r * k + k0, k, 1, b + col * col_stride, b_row,
-                     r == first ? ahead : 0, ye + r * cols + col, cols, mode);
+          OuterBlock(n, panel_width, depth, xe + r * k + k0, k, 1, panel, kPanel, 0,
+                     ye + r * cols + col, cols, mode);
         }
       }
     }
