@@ -114,8 +114,8 @@ void OuterTile(int64_t depth, const float* a, int64_t a_row, int64_t a_depth, in
   for (int64_t p = 0; p < depth; ++p) {
     // Rows of a read along the depth (the input gradient's weight rows) are R streams at
     // once, too many for the hardware prefetchers: a_ahead > 0 fetches each row's line a_ahead
-    // floats ahead (measured at 128 experts, g.wo^T: 58 -> 47 ms kAheadFloats ahead, 40 ms
-    // fetching the next tile's rows).
+    // floats ahead (measured at 128 experts: g.wo^T 58 -> 47 ms kAheadFloats ahead in its
+    // earlier form; see x_ahead in Product).
     if (a_ahead > 0 && p % kLanes == 0)
       for (int r = 0; r < R; ++r) __builtin_prefetch(a + r * a_row + p + a_ahead);
     if (b_ahead > 0)
@@ -297,7 +297,7 @@ ffi::Error Product(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   auto xd = x.dimensions(), wd = w.dimensions();
   if (auto e = w_transposed
                    ? CheckOperands(xd, wd, 2, 2,
-                                   "moe_expert_matmul_nt: x [E, M, K] and w [E, N, K] expected")
+                                   "moe_expert_matmul_nt: w [E, K, N] and g [E, M, N] expected")
                    : CheckOperands(xd, wd, 2, 1,
                                    "moe_expert_matmul_nn: x [E, M, K] and w [E, K, N] expected");
       e.failure())
@@ -318,7 +318,7 @@ ffi::Error Product(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
       shape.in_place || cols <= kNarrowTileCols ? kNarrowTileRows : kOuterRows;
   // The tiles prefetch their rows of x kAheadFloats ahead, or, when these are the input
   // gradient's weight rows and shorter than a page, the next tile's rows (a short row ends
-  // before the prefetch pays): g.wo^T [2048, 512] at 128 experts 46-47 -> 40 ms.
+  // before the prefetch pays): g.wo^T [2048, 512] at 128 experts 42-44 -> 37-38 ms.
   const int64_t x_ahead =
       w_transposed && k < kLongRowColumns ? tile_rows * k : kAheadFloats;
   // w[p, j] of an expert is at w_e + p * w_row + j * w_col.
