@@ -17,6 +17,7 @@ import importlib
 import queue
 import threading
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import gin
 import numpy as np
@@ -124,7 +125,10 @@ class ResumableIterator:
 
     A background thread builds the dataset and keeps `prefetch` batches ready, so that the
     input pipeline starts while the model compiles and loads while the step runs. Only the
-    batches handed out by `__next__` count as consumed.
+    batches handed out by `__next__` count as consumed. `close()` stops the thread and waits
+    for it: a thread still inside TensorFlow when the interpreter exits aborts the process
+    (a run resumed at its last step consumes no batch and would exit while the thread is
+    still building the dataset).
     """
 
     _END = object()
@@ -133,18 +137,35 @@ class ResumableIterator:
                  prefetch: int = 2):
         self.batches_consumed = int(batches_consumed)
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._produce, args=(make_dataset, self.batches_consumed), daemon=True
         )
         self._thread.start()
 
+    def _put(self, item: Any) -> bool:
+        """Queue `item` unless `close()` was called first; whether it was queued."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
     def _produce(self, make_dataset, skip):
         try:
             for batch in make_dataset().skip(skip).as_numpy_iterator():
-                self._queue.put(batch)
-            self._queue.put(self._END)
+                if not self._put(batch):
+                    return
+            self._put(self._END)
         except BaseException as e:  # handed to the consumer, raised in `__next__`
-            self._queue.put(e)
+            self._put(e)
+
+    def close(self) -> None:
+        """Stop the background thread and wait until it has left TensorFlow."""
+        self._stop.set()
+        self._thread.join()
 
     def get_state(self) -> dict[str, int]:
         return {"batches_consumed": self.batches_consumed}

@@ -187,12 +187,15 @@ def train(
         eval_fn = lambda s, step: last_eval.update(evaluate(s, step))
     # Tokens per step: every input and target position of the batch (padding included).
     tokens = train_dataset_cfg.batch_size * sum(train_dataset_cfg.task_feature_lengths.values())
-    step_compiled.result()  # its compile error, if any, is the first step's
-    state, reason = train_loop(
-        trainer, state, batches, train_steps, checkpointer, writer,
-        log_period=log_period, eval_period=eval_period, eval_fn=eval_fn,
-        tokens_per_batch=tokens, progress_interval_s=progress_interval_s,
-    )
+    try:
+        step_compiled.result()  # its compile error, if any, is the first step's
+        state, reason = train_loop(
+            trainer, state, batches, train_steps, checkpointer, writer,
+            log_period=log_period, eval_period=eval_period, eval_fn=eval_fn,
+            tokens_per_batch=tokens, progress_interval_s=progress_interval_s,
+        )
+    finally:
+        batches.close()
     writer.close()
     checkpointer.close()
     if jax.process_index() == 0:

@@ -98,7 +98,10 @@ def test_tiny_quickstart_prints_only_useful_lines(tmp_path):
     runs = [("--gin.TRAIN_STEPS=2", f"--gin.MODEL_DIR='{first}'"),
             # Initialized from the first run's checkpoint: Orbax restores a step.
             ("--gin.TRAIN_STEPS=1", f"--gin.MODEL_DIR='{second}'",
-             f"--gin.train.initial_checkpoint_path='{first / 'checkpoints'}'")]
+             f"--gin.train.initial_checkpoint_path='{first / 'checkpoints'}'"),
+            # The first run again: resumed at its last step, it trains nothing and exits
+            # cleanly (its input pipeline thread, still building the dataset, is stopped).
+            ("--gin.TRAIN_STEPS=2", f"--gin.MODEL_DIR='{first}'")]
     outputs = []
     for flags in runs:
         result = subprocess.run(
@@ -112,5 +115,6 @@ def test_tiny_quickstart_prints_only_useful_lines(tmp_path):
     assert not [line for line in output.splitlines() if any(n in line for n in NOISE)], output
     for useful in ("Total parameters:", "[train] step 1/2", "[train] step 2/2", "[eval] step 2",
                    "Training done at step 2.", f"Initialized from {first / 'checkpoints'}",
-                   "[train] step 1/1", "Training done at step 1."):
+                   "[train] step 1/1", "Training done at step 1.",
+                   f"Resuming from step 2 in {first}."):
         assert useful in output

@@ -91,6 +91,7 @@ def run(model_gin: str, steps: int, repeats: int, warmup: int, batch_size: int,
     state, metrics = trainer.train_step(state, partitioner.shard_batch(next(batches)))
     jax.block_until_ready(metrics)
     first_step = time.time()
+    batches.close()
 
     result = {
         "imports_done": imported, "started": started, "initialized": initialized,

@@ -31,6 +31,17 @@ def test_same_seed_same_batches_other_seed_other_order():
                for x, y in zip(a, c))
 
 
+def test_close_stops_the_pipeline_thread_with_or_without_batches_consumed():
+    # A run resumed at its last step closes the iterator before taking any batch; one that
+    # trained leaves the thread blocked on a full queue. Either way close() ends the thread.
+    for taken in (0, 3):
+        it = _iterator(_cfg())
+        _take(it, taken)
+        it.close()
+        assert not it._thread.is_alive()
+        assert it.get_state() == {"batches_consumed": taken}
+
+
 def test_resume_continues_on_the_same_examples():
     # 64 examples / batch 4 = 16 batches per epoch: resuming across the epoch boundary too.
     full = _take(_iterator(_cfg()), 24)
