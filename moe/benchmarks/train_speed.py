@@ -91,7 +91,6 @@ def run(model_gin: str, steps: int, repeats: int, warmup: int, batch_size: int,
     state, metrics = trainer.train_step(state, partitioner.shard_batch(next(batches)))
     jax.block_until_ready(metrics)
     first_step = time.time()
-    batches.close()
 
     result = {
         "imports_done": imported, "started": started, "initialized": initialized,
@@ -113,6 +112,7 @@ def run(model_gin: str, steps: int, repeats: int, warmup: int, batch_size: int,
             rates.append(steps / (time.perf_counter() - t0))
         result.update(steps_per_second=statistics.median(rates), steps_per_second_windows=rates,
                       final_loss=float(metrics["loss"]))
+    batches.close()
     result["devices"] = [str(d) for d in jax.devices()]
     return result
 
