@@ -10,6 +10,7 @@ handed out; that count is saved with each checkpoint, and a restarted run rebuil
 and skips that many batches, so it continues on exactly the examples it would have seen.
 """
 
+import contextlib
 import dataclasses
 import difflib
 import functools
@@ -17,7 +18,6 @@ import importlib
 import queue
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import gin
 import numpy as np
@@ -143,29 +143,23 @@ class ResumableIterator:
         )
         self._thread.start()
 
-    def _put(self, item: Any) -> bool:
-        """Queue `item` unless `close()` was called first; whether it was queued."""
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
     def _produce(self, make_dataset, skip):
         try:
             for batch in make_dataset().skip(skip).as_numpy_iterator():
-                if not self._put(batch):
+                if self._stop.is_set():
                     return
-            self._put(self._END)
+                self._queue.put(batch)
+            self._queue.put(self._END)
         except BaseException as e:  # handed to the consumer, raised in `__next__`
-            self._put(e)
+            self._queue.put(e)
 
     def close(self) -> None:
-        """Stop the background thread and wait until it has left TensorFlow."""
+        """Stop the background thread and wait until it has left TensorFlow; the batches it
+        holds ready are dropped (taking them unblocks a thread waiting to queue one more)."""
         self._stop.set()
-        self._thread.join()
+        while self._thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                self._queue.get(timeout=0.1)
 
     def get_state(self) -> dict[str, int]:
         return {"batches_consumed": self.batches_consumed}
