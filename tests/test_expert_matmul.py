@@ -41,12 +41,8 @@ def _loss(implementation):
     return lambda x, w: jnp.sum(jnp.sin(em.expert_matmul(x, w, implementation)))
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-def test_kernel_equals_einsum_forward_and_gradients(shape):
-    experts, rows, k, n = shape
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(experts, rows, k)), jnp.float32)
-    w = jnp.asarray(rng.normal(size=(experts, k, n)), jnp.float32)
+def _assert_kernel_equals_einsum(x, w):
+    """The kernel's product and both gradients equal the einsum's at precision HIGHEST."""
     ours = jax.jit(lambda x, w: em.expert_matmul(x, w, "cpu_kernel"))(x, w)
     reference = jnp.einsum("emk,ekn->emn", x, w, precision="highest")
     np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-4)
@@ -58,6 +54,48 @@ def test_kernel_equals_einsum_forward_and_gradients(shape):
         # follows the gradient's scale (1e-5 of its largest entry), not below 1e-4.
         atol = max(1e-4, 1e-5 * float(np.abs(ref_g).max()))
         np.testing.assert_allclose(ours_g, ref_g, rtol=1e-4, atol=atol)
+    return ours
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernel_equals_einsum_forward_and_gradients(shape):
+    experts, rows, k, n = shape
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(experts, rows, k)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(experts, k, n)), jnp.float32)
+    _assert_kernel_equals_einsum(x, w)
+
+
+# The forward and the weight gradient skip x's zero rows (capacity slots left unfilled): every
+# third row of the first expert zero, the second expert's rows all zero, the last expert's
+# none; read in place (32 and 30 rows, wide w), packed (70 rows), in row blocks (one expert,
+# 520 rows, split across the threads) and with tails.
+ZERO_ROW_SHAPES = [(3, 32, 64, 600), (3, 30, 100, 563), (3, 70, 24, 40), (1, 520, 20, 12),
+                   (3, 13, 96, 72)]
+
+
+@pytest.mark.parametrize("shape", ZERO_ROW_SHAPES)
+def test_zero_rows_are_skipped_and_give_zero_rows(shape):
+    experts, rows, k, n = shape
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(experts, rows, k))
+    x[0, ::3] = 0
+    x[1:2] = 0
+    w = jnp.asarray(rng.normal(size=(experts, k, n)), jnp.float32)
+    ours = _assert_kernel_equals_einsum(jnp.asarray(x, jnp.float32), w)
+    zero_rows = ~np.any(x != 0, axis=-1)
+    assert zero_rows.sum() >= rows // 3
+    assert np.all(np.asarray(ours)[zero_rows] == 0)
+
+
+def test_a_row_with_a_nan_is_not_skipped():
+    x = np.zeros((2, 32, 64), np.float32)
+    x[:, 5, 17] = np.nan
+    x[:, 9] = 1.0
+    w = jnp.ones((2, 64, 600), jnp.float32)
+    y = np.asarray(jax.jit(lambda x, w: em.expert_matmul(x, w, "cpu_kernel"))(x, w))
+    assert np.all(np.isnan(y[:, 5])) and np.all(y[:, 9] == 64.0)
+    assert np.all(np.delete(y, [5, 9], axis=1) == 0)
 
 
 def test_buffers_with_group_and_capacity_axes_keep_their_shape():
