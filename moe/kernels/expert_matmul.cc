@@ -17,6 +17,8 @@
 // instead of transposing g in XLA first saves the transposes' 42 MB of copies. Storing dx
 // itself from the tiles, transposed, made the layer step slower (292-305 against 275-283 ms
 // one float at a time, 268-279 against 257-269 ms with AVX-512 scatters).
+// The forward and the weight gradient skip x's rows that are all zero (the capacity slots
+// dispatch left unfilled; see NonzeroRows).
 // Work is split into independent units (an expert's column chunk and row block, or its block
 // of weight-gradient rows) that the calling thread and XLA's intra-op thread pool claim from
 // one atomic counter.
@@ -208,7 +210,8 @@ void OuterBlock(int rows, int64_t width, int64_t depth, const int32_t* depth_ind
 // Capacity dispatch leaves an expert's unfilled slots as zero rows: at 128 experts, top-1,
 // capacity factor 1 and 512-token groups, a fifth of the rows of a freshly initialized layer.
 // A zero row of x adds nothing to x . w (its row of y is zero) nor to x^T . g, so the forward
-// and the weight gradient skip them and do only the filled rows' work. Only rows that compare
+// and the weight gradient skip them and do only the filled rows' work (at 128 experts on 2
+// cores the layer step went 294-304 -> 262-281 ms in alternating runs). Only rows that compare
 // equal to zero everywhere are skipped: a NaN keeps its row. (A zero row times an infinite
 // weight would give NaN where the skip gives 0; such a weight makes the filled rows non-finite
 // too.) The input gradient's token rows are its output's columns, whole vectors wide, so there
