@@ -88,6 +88,25 @@ def test_zero_rows_are_skipped_and_give_zero_rows(shape):
     assert np.all(np.asarray(ours)[zero_rows] == 0)
 
 
+def test_zero_rows_are_not_computed():
+    # The one place a skipped row shows: times an infinite weight (forward) or an infinite
+    # gradient (weight gradient) it would give NaN, skipped it adds exactly zero.
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(2, 32, 64)).astype(np.float32)
+    x[:, 7] = 0
+    w = rng.normal(size=(2, 64, 600)).astype(np.float32)
+    w_inf = w.copy()
+    w_inf[:, 3, 5] = np.inf
+    y = np.asarray(jax.jit(lambda x, w: em.expert_matmul(x, w, "cpu_kernel"))(x, w_inf))
+    assert np.all(y[:, 7] == 0) and np.isinf(y[:, :7, 5]).all()
+    _, vjp = jax.vjp(lambda w: em.expert_matmul(jnp.asarray(x), w, "cpu_kernel"),
+                     jnp.asarray(w))
+    cotangent = rng.normal(size=(2, 32, 600)).astype(np.float32)
+    cotangent[:, 7, 11] = np.inf
+    (dw,) = vjp(jnp.asarray(cotangent))
+    assert np.isfinite(np.asarray(dw)).all()
+
+
 def test_a_row_with_a_nan_is_not_skipped():
     x = np.zeros((2, 32, 64), np.float32)
     x[:, 5, 17] = np.nan

@@ -217,12 +217,12 @@ void OuterBlock(int rows, int64_t width, int64_t depth, const int32_t* depth_ind
 // too.) The input gradient's token rows are its output's columns, whole vectors wide, so there
 // a skipped row would rarely save a vector; it computes them all.
 
-// Lists in `kept` the rows of x [n, len] (row stride `stride`) that hold a nonzero element,
-// and returns how many there are.
-int64_t NonzeroRows(const float* x, int64_t n, int64_t len, int64_t stride, int32_t* kept) {
+// Lists in `kept` the rows of x [n, len] that hold a nonzero element, and returns how many
+// there are.
+int64_t NonzeroRows(const float* x, int64_t n, int64_t len, int32_t* kept) {
   int64_t count = 0;
   for (int64_t r = 0; r < n; ++r) {
-    const float* row = x + r * stride;
+    const float* row = x + r * len;
     int64_t j = 0;
     while (j < len && row[j] == 0.0f) ++j;
     if (j < len) kept[count++] = static_cast<int32_t>(r);
@@ -250,7 +250,7 @@ const PackedRows* PackNonzeroRows(uint64_t call, int64_t expert, int64_t first, 
     packed.expert = expert;
     packed.first = first;
     packed.kept.resize(n);
-    packed.live = NonzeroRows(x, n, k, k, packed.kept.data());
+    packed.live = NonzeroRows(x, n, k, packed.kept.data());
     if (packed.live < n) {
       packed.rows.resize(packed.live * k);
       for (int64_t i = 0; i < packed.live; ++i)
@@ -265,13 +265,17 @@ const PackedRows* PackNonzeroRows(uint64_t call, int64_t expert, int64_t first, 
 // moves), and every other row is set to zero.
 void SpreadRows(float* y, int64_t y_row, int64_t width, const int32_t* kept, int64_t live,
                 int64_t n) {
+  auto zero_rows = [&](int64_t from, int64_t to) {
+    for (int64_t r = from; r < to; ++r) std::memset(y + r * y_row, 0, width * sizeof(float));
+  };
   int64_t end = n;  // rows [end, n) are final
-  for (int64_t i = live - 1; i >= -1; --i) {
-    const int64_t row = i >= 0 ? kept[i] : -1;
-    for (int64_t r = row + 1; r < end; ++r) std::memset(y + r * y_row, 0, width * sizeof(float));
-    if (i >= 0 && row != i) std::memcpy(y + row * y_row, y + i * y_row, width * sizeof(float));
+  for (int64_t i = live - 1; i >= 0; --i) {
+    const int64_t row = kept[i];
+    zero_rows(row + 1, end);
+    if (row != i) std::memcpy(y + row * y_row, y + i * y_row, width * sizeof(float));
     end = row;
   }
+  zero_rows(0, end);
 }
 
 // ---- work split ----------------------------------------------------------------------------
@@ -493,7 +497,7 @@ ffi::Error WeightGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   int32_t* kept_p = kept.data();
   int64_t* live_p = live.data();
   ParallelFor(pool, experts, [=](int64_t e) {
-    live_p[e] = NonzeroRows(xp + e * rows * k, rows, k, k, kept_p + e * rows);
+    live_p[e] = NonzeroRows(xp + e * rows * k, rows, k, kept_p + e * rows);
   });
   ParallelFor(pool, experts * blocks, [=](int64_t u) {
     const int64_t e = u / blocks, i = (u % blocks) * kOuterRows;
