@@ -41,9 +41,12 @@ def _loss(implementation):
     return lambda x, w: jnp.sum(jnp.sin(em.expert_matmul(x, w, implementation)))
 
 
+_kernel_product = jax.jit(lambda x, w: em.expert_matmul(x, w, "cpu_kernel"))
+
+
 def _assert_kernel_equals_einsum(x, w):
     """The kernel's product and both gradients equal the einsum's at precision HIGHEST."""
-    ours = jax.jit(lambda x, w: em.expert_matmul(x, w, "cpu_kernel"))(x, w)
+    ours = _kernel_product(x, w)
     reference = jnp.einsum("emk,ekn->emn", x, w, precision="highest")
     np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-4)
     grads = jax.jit(jax.grad(_loss("cpu_kernel"), argnums=(0, 1)))(x, w)
@@ -97,7 +100,7 @@ def test_zero_rows_are_not_computed():
     w = rng.normal(size=(2, 64, 600)).astype(np.float32)
     w_inf = w.copy()
     w_inf[:, 3, 5] = np.inf
-    y = np.asarray(jax.jit(lambda x, w: em.expert_matmul(x, w, "cpu_kernel"))(x, w_inf))
+    y = np.asarray(_kernel_product(x, w_inf))
     assert np.all(y[:, 7] == 0) and np.isinf(y[:, :7, 5]).all()
     _, vjp = jax.vjp(lambda w: em.expert_matmul(jnp.asarray(x), w, "cpu_kernel"),
                      jnp.asarray(w))
@@ -112,7 +115,7 @@ def test_a_row_with_a_nan_is_not_skipped():
     x[:, 5, 17] = np.nan
     x[:, 9] = 1.0
     w = jnp.ones((2, 64, 600), jnp.float32)
-    y = np.asarray(jax.jit(lambda x, w: em.expert_matmul(x, w, "cpu_kernel"))(x, w))
+    y = np.asarray(_kernel_product(x, w))
     assert np.all(np.isnan(y[:, 5])) and np.all(y[:, 9] == 64.0)
     assert np.all(np.delete(y, [5, 9], axis=1) == 0)
 
