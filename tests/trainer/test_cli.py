@@ -12,6 +12,7 @@ import time
 import pytest
 
 from moe import train
+from moe.metrics_writer import read_jsonl_records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURES = os.path.join(ROOT, "tests", "seqio_tasks", "fixtures")
@@ -69,7 +70,10 @@ def _wait_for_step(model_dir, step, proc, timeout=300):
     path = os.path.join(model_dir, "train", "metrics.jsonl")
     start = time.time()
     while time.time() - start < timeout:
-        if os.path.exists(path) and max(_losses(model_dir), default=0) >= step:
+        # The run is appending to the log: its last line may be half written, so this reads
+        # it as the trainer does on a restart (a line that is not JSON yet is passed over).
+        records = read_jsonl_records(path)[0] if os.path.exists(path) else []
+        if max((record["step"] for record in records), default=0) >= step:
             return
         assert proc.poll() is None, proc.stdout.read()
         time.sleep(0.2)
