@@ -124,3 +124,15 @@ def test_one_device_is_skipped_not_failed(monkeypatch):
 def test_unknown_router_is_refused():
     with pytest.raises(SystemExit):
         gpu_check.parse_args(["--routers", "top7"])
+
+
+def test_steps_flag_sets_the_timed_steps_and_rejects_zero(capsys):
+    assert gpu_check.run_sizes(gpu_check.parse_args([]))["steps"] == 5
+    assert gpu_check.run_sizes(gpu_check.parse_args(["--quick"]))["steps"] == 1
+    sizes = gpu_check.run_sizes(gpu_check.parse_args(["--steps", "20", "--routers", "top1"]))
+    assert sizes["steps"] == 20 and sizes["routers"] == ["top1"]
+    assert gpu_check.SIZES["full"]["steps"] == 5  # the preset itself is not changed
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_check.parse_args(["--steps", "0"])
+    assert exit_info.value.code == 2
+    assert "--steps must be at least 1, got 0" in capsys.readouterr().err

@@ -628,6 +628,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--routers", type=lambda s: s.split(","),
                         help="speed rows for these routers only (default: all; --quick: "
                         f"{','.join(SIZES['quick']['routers'])})")
+    parser.add_argument("--steps", type=int,
+                        help="timed steps per speed row, after the warm-up (default: 5; --quick: "
+                        "1). Ratios within a few percent of a target need more: the 5-step "
+                        "median of one unchanged row moved by 0.03x between runs on an H100")
     parser.add_argument("--skip_speed", action="store_true",
                         help="correctness checks only (no speed or torch rows)")
     parser.add_argument("--rtol", type=float, default=1e-5,
@@ -645,6 +649,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="moe.grouped_matmul forms compared on their own and as top2 "
                         "dropless rows (auto: the one the layer picks on this backend)")
     args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
     known = list(router_specs(1.0))
     if args.routers and set(args.routers) - set(known):
         parser.error(f"unknown routers {sorted(set(args.routers) - set(known))}; "
@@ -652,10 +658,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_sizes(args: argparse.Namespace) -> dict[str, Any]:
+    """The sizes of this run: the full or quick preset, narrowed by the command line."""
     sizes = dict(SIZES["quick" if args.quick else "full"])
     sizes["routers"] = args.routers or sizes.get("routers") or list(router_specs(1.0))
+    if args.steps is not None:
+        sizes["steps"] = args.steps
+    return sizes
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sizes = run_sizes(args)
     device = jax.local_devices()[0]
     n = jax.local_device_count()
     meta = {
