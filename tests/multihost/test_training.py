@@ -52,7 +52,7 @@ def _assert_equivalent(one_dir, two_dir, steps):
                                [one_losses[s] for s in sorted(one_losses)], rtol=0, atol=1e-5)
     first = runs.checkpoint_params(one_dir, 1)
     one_params = runs.checkpoint_params(one_dir, steps)
-    runs.assert_same_params(runs.checkpoint_params(two_dir, steps), one_params)
+    runs.assert_same_params(one_params, runs.checkpoint_params(two_dir, steps), moved_from=first)
     # The comparison means something only if training moved the parameters.
     moved = max(float(np.abs(a - b).max()) for a, b in
                 zip(_leaves(first), _leaves(one_params)))
