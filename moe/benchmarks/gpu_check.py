@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moe.benchmarks.flags import positive_int
 from moe.benchmarks.moe_layer import (
     dense_objective_and_params,
     moe_objective_and_params,
@@ -628,7 +629,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--routers", type=lambda s: s.split(","),
                         help="speed rows for these routers only (default: all; --quick: "
                         f"{','.join(SIZES['quick']['routers'])})")
-    parser.add_argument("--steps", type=int,
+    parser.add_argument("--steps", type=positive_int,
                         help="timed steps per speed row, after the warm-up (default: 5; --quick: "
                         "1). Ratios within a few percent of a target need more: the 5-step "
                         "median of one unchanged row moved by 0.03x between runs on an H100")
@@ -649,8 +650,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="moe.grouped_matmul forms compared on their own and as top2 "
                         "dropless rows (auto: the one the layer picks on this backend)")
     args = parser.parse_args(argv)
-    if args.steps is not None and args.steps < 1:
-        parser.error(f"--steps must be at least 1, got {args.steps}")
     known = list(router_specs(1.0))
     if args.routers and set(args.routers) - set(known):
         parser.error(f"unknown routers {sorted(set(args.routers) - set(known))}; "

@@ -45,6 +45,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from moe.benchmarks.flags import positive_int
 from moe.benchmarks.moe_layer import (
     dense_objective_and_params,
     moe_objective_and_params,
@@ -264,7 +265,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="activation dtype of the layer and the dense FFN")
     parser.add_argument("--param_dtype", choices=["float32", "bfloat16"], default="float32",
                         help="storage dtype of the expert and dense FFN kernels")
-    parser.add_argument("--steps", type=int, default=3, help="steps timed, then steps traced")
+    parser.add_argument("--steps", type=positive_int, default=3,
+                        help="steps timed, then steps traced")
     parser.add_argument("--top", type=int, default=25, help="ops printed per config")
     parser.add_argument("--json", type=Path, help="write every config's ops here")
     parser.add_argument("--hlo_dir", type=Path,
@@ -272,8 +274,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.group_size is None:
         args.group_size = args.length
-    if args.steps < 1:
-        parser.error("--steps must be at least 1")
     return args
 
 

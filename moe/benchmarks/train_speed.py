@@ -39,6 +39,8 @@ import sys
 import tempfile
 import time
 
+from moe.benchmarks.flags import positive_int
+
 # Recorded once, not measured by this benchmark: t5x's train.py with flaxformer on this
 # configuration, on a 2-core machine, on 2026-11-23 (the figures this benchmark was written to
 # compare against).
@@ -174,13 +176,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--startup_runs", type=int, default=1,
+    parser.add_argument("--startup_runs", type=positive_int, default=1,
                         help="rounds of (cold, warm) processes; the table shows their medians")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.startup_runs < 1:
-        parser.error("--startup_runs must be at least 1")
     lengths = {"inputs": 64, "targets": 16}
     if args.child:
         result = run(args.model_gin, args.steps, args.repeats, args.warmup, args.batch_size,
