@@ -98,19 +98,24 @@ def checkpoint_params(model_dir: str, step: int) -> dict:
     return jax.tree.map(np.asarray, checkpointer.restore(state_dir, abstract)["params"])
 
 
-def assert_same_params(a: dict, b: dict, atol: float = 1e-5, moved_from: dict | None = None,
+def leaf_moves(params: dict, start: dict) -> dict:
+    """Per leaf, the largest change of one value from `start` to `params`."""
+    return jax.tree.map(lambda x, x0: float(np.abs(x - x0).max()), params, start)
+
+
+def assert_same_params(a: dict, b: dict, atol: float = 1e-5, moves: dict | None = None,
                        move_rtol: float = 1e-4) -> None:
     """`a` equals `b` up to float32 summation order.
 
-    With `moved_from` (the same run's parameters some steps earlier), each leaf's absolute
-    tolerance grows to `move_rtol` times how far that leaf moved since: rounding that the two
-    process layouts sum in a different order scales with the update. Measured on an AMD EPYC
-    (AVX-512) after 3 steps of the tiny decoder-only model: the token embedding moved 0.40 and
-    differed by 1.9e-5 between 2x4 and 1x8, every other leaf by at most 1.5e-6. A sharding or
-    collective bug differs by the order of the move itself, far above the tolerance.
+    With `moves` (`leaf_moves` of the run over its last steps), each leaf's absolute tolerance
+    grows to `move_rtol` times how far that leaf moved: rounding that the two process layouts
+    sum in a different order scales with the update. Measured on an AMD EPYC (AVX-512) after 3
+    steps of the tiny decoder-only model: the token embedding moved 0.40 and differed by 1.9e-5
+    between 2x4 and 1x8, every other leaf by at most 1.5e-6. A sharding or collective bug
+    differs by the order of the move itself, far above the tolerance.
     """
     assert jax.tree.structure(a) == jax.tree.structure(b)
-    tolerances = jax.tree.map(lambda _: atol, a) if moved_from is None else jax.tree.map(
-        lambda x, start: max(atol, move_rtol * float(np.abs(x - start).max())), a, moved_from)
+    tolerances = jax.tree.map(lambda _: atol, a) if moves is None else jax.tree.map(
+        lambda move: max(atol, move_rtol * move), moves)
     jax.tree.map(lambda x, y, tol: np.testing.assert_allclose(x, y, rtol=1e-5, atol=tol),
                  a, b, tolerances)
