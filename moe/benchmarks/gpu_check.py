@@ -630,8 +630,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="speed rows for these routers only (default: all; --quick: "
                         f"{','.join(SIZES['quick']['routers'])})")
     parser.add_argument("--steps", type=positive_int,
-                        help="timed steps per speed row, after the warm-up (default: 5; --quick: "
-                        "1). Ratios within a few percent of a target need more: the 5-step "
+                        help="timed steps per speed row, after the warm-up (default: "
+                        f"{SIZES['full']['steps']}; --quick: {SIZES['quick']['steps']}). "
+                        "Ratios within a few percent of a target need more: the 5-step "
                         "median of one unchanged row moved by 0.03x between runs on an H100")
     parser.add_argument("--skip_speed", action="store_true",
                         help="correctness checks only (no speed or torch rows)")
